@@ -1,0 +1,135 @@
+"""Opening the backend leg: TCP (and TLS), then the client side of the upgrade."""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from pathlib import Path
+
+import attrs
+import h11
+import trio
+from wsproto.utilities import generate_nonce
+
+from .config import BackendURL
+from .errors import BackendProtocolError, BackendRejected, map_backend_errors
+from .handshake import MAX_REQUEST_HEAD, BackendAccept, Headers, Upgrade, check_backend_101
+from .netio import Endpoint, RawSocket, StreamEndpoint, detach
+
+#: At most this much of a refusing backend's body is relayed to the client.
+MAX_REJECTION_BODY = 64 * 1024
+
+
+@attrs.frozen
+class BackendConnection:
+    """An upgraded backend connection, ready to relay."""
+
+    endpoint: Endpoint
+    accept: BackendAccept
+    trailing: bytes  # frames the backend sent right behind its 101
+
+
+@functools.cache
+def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A verifying TLS context (hostname checked) trusting ``ca_file`` or the system store."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def open_backend(
+    backend: BackendURL,
+    target: str,
+    headers: Headers,
+    upgrade: Upgrade,
+    *,
+    ca_file: Path | None,
+) -> BackendConnection:
+    """Connect to ``backend`` and complete its opening handshake.
+
+    The caller bounds this with ``trio.fail_after(backend_connect_timeout)``.
+    Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
+    """
+    with map_backend_errors(backend.url):
+        stream = await trio.open_tcp_stream(backend.host, backend.port)
+        endpoint: Endpoint
+        try:
+            if backend.secure:
+                tls = trio.SSLStream(
+                    stream, client_ssl_context(ca_file), server_hostname=backend.host
+                )
+                endpoint = StreamEndpoint(tls)
+                await tls.do_handshake()
+            else:
+                endpoint = RawSocket(detach(stream))
+            accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
+        except BaseException:
+            if backend.secure:
+                await trio.aclose_forcefully(stream)
+            else:
+                endpoint.abort()
+            raise
+        return BackendConnection(endpoint, accept, trailing)
+
+
+async def _upgrade(
+    endpoint: Endpoint, backend: BackendURL, target: str, headers: Headers, upgrade: Upgrade
+) -> tuple[BackendAccept, bytes]:
+    key = generate_nonce().decode()
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    request = h11.Request(
+        method="GET",
+        target=target,
+        headers=[
+            ("Host", backend.host_header),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", key),
+            ("Sec-WebSocket-Version", "13"),
+            *headers,
+        ],
+    )
+    data = conn.send(request)
+    assert data is not None
+    await endpoint.send_all(data)
+    buf = memoryview(bytearray(16 * 1024))
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise BackendProtocolError(f"backend answered with invalid HTTP: {exc}") from None
+        if event is h11.NEED_DATA:
+            n = await endpoint.recv_into(buf)
+            conn.receive_data(bytes(buf[:n]))
+        elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+            response_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
+            accept = check_backend_101(response_headers, key=key, upgrade=upgrade)
+            return accept, conn.trailing_data[0]
+        elif isinstance(event, h11.Response):
+            raise await _rejection(conn, endpoint, event, buf)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise BackendProtocolError("backend closed the connection during the handshake")
+        # Other 1xx responses are skipped, as RFC 9110 15.2 allows.
+
+
+async def _rejection(
+    conn: h11.Connection, endpoint: Endpoint, response: h11.Response, buf: memoryview
+) -> BackendRejected:
+    body = bytearray()
+    with trio.move_on_after(1.0):
+        while len(body) < MAX_REJECTION_BODY:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                n = await endpoint.recv_into(buf)
+                conn.receive_data(bytes(buf[:n]))
+            elif isinstance(event, h11.Data):
+                body += event.data
+            else:
+                break
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers]
+    return BackendRejected(
+        response.status_code,
+        f"backend refused the handshake with {response.status_code}",
+        body=bytes(body[:MAX_REJECTION_BODY]),
+        headers=headers,
+    )

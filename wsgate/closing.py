@@ -1,0 +1,109 @@
+"""Every close-code decision the gateway makes, in one place.
+
+A pair ends for one :class:`End` reason. :func:`close_plan` says which close
+code the gateway itself sends to each side (``None``: that side gets no frame
+from the gateway, because the peer's own close frame reached it, or it is
+gone) and what the disconnect log records.
+
+Close frames sent by the peers are never rewritten: they pass through the relay
+byte for byte. Local-only codes (1005 "no status", 1006 "abnormal", 1015 "TLS
+failure") can be *recorded* in logs but never go on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+NO_STATUS = 1005  # local only: a close frame with no code
+ABNORMAL = 1006  # local only: the TCP connection ended without a close frame
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+BAD_GATEWAY = 1014
+TLS_FAILURE = 1015  # local only
+
+LOCAL_ONLY = frozenset({NO_STATUS, ABNORMAL, TLS_FAILURE})
+
+
+class End(enum.Enum):
+    """Why a pair ended."""
+
+    CLIENT_CLOSED = "client sent a close frame"
+    BACKEND_CLOSED = "backend sent a close frame"
+    CLIENT_VANISHED = "client connection lost without a close frame"
+    BACKEND_VANISHED = "backend connection lost without a close frame"
+    CLIENT_PROTOCOL_ERROR = "client broke the WebSocket protocol"
+    BACKEND_PROTOCOL_ERROR = "backend broke the WebSocket protocol"
+    CLIENT_MESSAGE_TOO_BIG = "client message exceeded max_message_size"
+    BACKEND_MESSAGE_TOO_BIG = "backend message exceeded max_message_size"
+    CLOSE_TIMEOUT = "close handshake did not finish within close_timeout"
+    IDLE_TIMEOUT = "no frame in either direction within idle_timeout"
+    DRAIN = "gateway shutting down"
+    TERMINATED = "terminated by the gateway"
+    INTERNAL_ERROR = "internal gateway error"
+
+
+@attrs.frozen
+class ClosePlan:
+    """What the gateway sends each side when a pair ends, and what it logs."""
+
+    closed_by: str  # "client", "backend" or "gateway"
+    to_client: int | None
+    to_backend: int | None
+    reason: str  # reason text of the gateway's own close frames
+
+
+_PLANS: dict[End, tuple[str, int | None, int | None]] = {
+    # A peer's close frame travelled through; the gateway adds nothing.
+    End.CLIENT_CLOSED: ("client", None, None),
+    End.BACKEND_CLOSED: ("backend", None, None),
+    End.CLIENT_VANISHED: ("client", None, GOING_AWAY),
+    End.BACKEND_VANISHED: ("backend", BAD_GATEWAY, None),
+    End.CLIENT_PROTOCOL_ERROR: ("gateway", PROTOCOL_ERROR, PROTOCOL_ERROR),
+    End.BACKEND_PROTOCOL_ERROR: ("gateway", PROTOCOL_ERROR, PROTOCOL_ERROR),
+    End.CLIENT_MESSAGE_TOO_BIG: ("gateway", MESSAGE_TOO_BIG, GOING_AWAY),
+    End.BACKEND_MESSAGE_TOO_BIG: ("gateway", GOING_AWAY, MESSAGE_TOO_BIG),
+    End.CLOSE_TIMEOUT: ("gateway", None, None),
+    End.IDLE_TIMEOUT: ("gateway", GOING_AWAY, GOING_AWAY),
+    End.DRAIN: ("gateway", GOING_AWAY, GOING_AWAY),
+    End.TERMINATED: ("gateway", POLICY_VIOLATION, POLICY_VIOLATION),
+    End.INTERNAL_ERROR: ("gateway", INTERNAL_ERROR, GOING_AWAY),
+}
+
+
+def close_plan(end: End, *, reason: str | None = None) -> ClosePlan:
+    """The gateway's close frames for a pair that ended because of ``end``.
+
+    ``reason`` overrides the close reason text (e.g. an operator's message when
+    a pair is terminated); by default it is the :class:`End`'s description.
+    """
+    closed_by, to_client, to_backend = _PLANS[end]
+    return ClosePlan(closed_by, to_client, to_backend, reason if reason is not None else end.value)
+
+
+def reply_code(received: int | None) -> int | None:
+    """The code to answer a peer's close frame with, when its partner cannot.
+
+    RFC 6455 5.5.1: the reply typically echoes the received code. An empty
+    close frame (1005) is answered with an empty one.
+    """
+    return received
+
+
+def wire_code(code: int) -> int:
+    """A code that may legally be sent on the wire in place of ``code``.
+
+    Local-only codes describe the *gateway's* view of a failure; the peer is
+    told the nearest wire code instead (trio-websocket silently sends 1000 here,
+    which would make a failure look like a clean close).
+    """
+    if code == ABNORMAL:
+        return BAD_GATEWAY
+    if code in LOCAL_ONLY:
+        return INTERNAL_ERROR
+    return code

@@ -1,0 +1,132 @@
+"""The errors wsgate raises, and the one place foreign exceptions are mapped to them.
+
+Tree::
+
+    WsgateError
+    ├── ConfigError            a config file or object is invalid (every problem listed)
+    ├── HandshakeRejected      the client's upgrade request is answered with an HTTP error
+    │   └── BackendError       the backend could not be used for this handshake
+    │       ├── BackendUnreachable   connect/TLS failed           -> 502
+    │       ├── BackendTimeout       no complete handshake in time -> 504
+    │       ├── BackendRejected      the backend answered non-101  -> its status
+    │       └── BackendProtocolError the backend's answer was not a valid upgrade -> 502
+    └── ProtocolError          a peer broke WebSocket framing rules  -> close 1002
+        └── MessageTooBig      a message exceeded max_message_size   -> close 1009
+
+A connection task never lets any of these (or anything else) escape: handshake
+errors become HTTP responses, protocol errors become close frames, and anything
+unexpected is logged and closes the pair with 1011.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+
+class WsgateError(Exception):
+    """Base of every error wsgate raises."""
+
+
+class ConfigError(WsgateError):
+    """A configuration is invalid; ``problems`` holds every "FILE: KEY: reason" line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class HandshakeRejected(WsgateError):
+    """The client's opening handshake is refused with an HTTP status.
+
+    ``reason`` is a short machine-readable tag for the gateway log
+    (``last_error_reason``); the message is the human-readable text sent in the
+    response body.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        reason: str,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes | None = None,
+        source: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+        self.headers = headers or []
+        self.body = body
+        self.source = source
+
+
+class BackendError(HandshakeRejected):
+    """The backend could not be used for this handshake."""
+
+
+class BackendUnreachable(BackendError):
+    """TCP connect or TLS to the backend failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message, reason="BackendConnectionFailure")
+
+
+class BackendTimeout(BackendError):
+    """The backend did not complete its handshake within backend_connect_timeout."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(504, message, reason="BackendTimeout")
+
+
+class BackendRejected(BackendError):
+    """The backend answered the upgrade with a non-101 status; it is relayed to the client."""
+
+    def __init__(
+        self, status: int, message: str, *, body: bytes, headers: list[tuple[str, str]]
+    ) -> None:
+        super().__init__(status, message, reason="BackendRejected", body=body, headers=headers)
+
+
+class BackendProtocolError(BackendError):
+    """The backend's answer was not a valid WebSocket upgrade response."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message, reason="BackendProtocolError")
+
+
+class ProtocolError(WsgateError):
+    """A peer broke the WebSocket framing rules; the pair closes with 1002."""
+
+    close_code = 1002
+
+
+class MessageTooBig(ProtocolError):
+    """A message exceeded the API's max_message_size; the sender gets 1009."""
+
+    close_code = 1009
+
+
+@contextmanager
+def map_backend_errors(what: str) -> Iterator[None]:
+    """Turn foreign I/O exceptions met while opening a backend into BackendErrors.
+
+    This is the single boundary where OSError, ssl and Trio stream errors from the
+    backend side become wsgate's own types.
+    """
+    try:
+        yield
+    except trio.TooSlowError:
+        raise BackendTimeout(f"{what}: backend did not complete the handshake in time") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise BackendUnreachable(f"{what}: TLS verification failed: {exc.verify_message}") from exc
+    except (ssl.SSLError, trio.BrokenResourceError) as exc:
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        raise BackendUnreachable(f"{what}: TLS/connection failed: {cause or exc}") from exc
+    except OSError as exc:
+        raise BackendUnreachable(f"{what}: {exc.strerror or exc}") from exc

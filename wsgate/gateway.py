@@ -1,0 +1,520 @@
+"""The gateway: listeners, the per-connection task, capacity, drain.
+
+Embedding (see docs/embedding.md)::
+
+    config = wsgate.load_config("gateway.toml")
+    async with trio.open_nursery() as nursery:
+        gateway = await nursery.start(wsgate.Gateway(config).run)
+        print(gateway.addresses)       # real ports, so listen = "127.0.0.1:0" works
+        ...
+        await gateway.drain()          # close every pair with 1001 and return
+
+Each accepted client is served by :meth:`Gateway._serve_client` in its own
+task. The task reads the upgrade request, runs the API's onHandshake policies,
+opens the backend, answers 101 and then owns the :class:`~wsgate.relay.Pair`
+whose nursery holds the two relay tasks. Nothing escapes that task: refusals
+become HTTP responses, failures after the 101 become close frames (1011), and
+everything is logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import ssl
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import h11
+import structlog
+import trio
+
+from .backend import open_backend
+from .closing import End
+from .config import ApiConfig, Config
+from .errors import BackendRejected, BackendTimeout, HandshakeRejected
+from .handshake import (
+    MAX_REQUEST_HEAD,
+    ClientRequest,
+    backend_headers,
+    error_response,
+    redact_target,
+    switching_protocols,
+    validate_upgrade,
+)
+from .logs import utc_now
+from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach, is_out_of_fds
+from .policy import HandshakeContext, Policy
+from .relay import Pair
+from .routing import Router
+
+#: Seconds a client refused for capacity is told to wait before retrying.
+RETRY_AFTER = 1
+
+
+@attrs.frozen
+class GatewayStats:
+    """A snapshot of a running gateway."""
+
+    active_pairs: int
+    capacity: int
+    handshakes_in_progress: int
+    draining: bool
+
+
+@attrs.define
+class _HandshakeLog:
+    """The gateway-log record of one handshake, filled in as it progresses."""
+
+    correlation_id: str
+    caller_ip_address: str
+    timestamp: str = attrs.Factory(utc_now)
+    started: float = attrs.Factory(trio.current_time)
+    api_id: str | None = None
+    method: str | None = None
+    url: str | None = None
+    response_code: int | None = None
+    backend_response_code: int | None = None
+    backend_url: str | None = None
+    subprotocol: str | None = None
+    backend_time: float | None = None
+    last_error_reason: str | None = None
+    last_error_message: str | None = None
+    last_error_source: str | None = None
+    extra: dict[str, object] = attrs.Factory(dict)
+
+    def emit(self, log: Any) -> None:
+        log.info(
+            "handshake",
+            timestamp=self.timestamp,
+            api_id=self.api_id,
+            operation_id="onHandshake",
+            method=self.method,
+            url=self.url,
+            caller_ip_address=self.caller_ip_address,
+            response_code=self.response_code,
+            backend_response_code=self.backend_response_code,
+            backend_url=self.backend_url,
+            subprotocol=self.subprotocol,
+            total_time=round((trio.current_time() - self.started) * 1000, 3),
+            backend_time=None if self.backend_time is None else round(self.backend_time * 1000, 3),
+            is_request_success=self.response_code == 101,
+            last_error_reason=self.last_error_reason,
+            last_error_message=self.last_error_message,
+            last_error_source=self.last_error_source,
+            **self.extra,
+        )
+
+
+class Gateway:
+    """A WebSocket API gateway serving ``config``; start it with ``nursery.start(gw.run)``."""
+
+    def __init__(
+        self, config: Config, *, policies: Mapping[str, Sequence[Policy]] | None = None
+    ) -> None:
+        self.config = config
+        self._policies = dict(policies or {})
+        self._router = Router(config.apis)
+        self._limiter = trio.CapacityLimiter(config.gateway.max_connections)
+        self._pairs: dict[str, Pair] = {}
+        self._handshaking = 0
+        self._draining = False
+        self._addresses: list[tuple[str, int]] = []
+        self._accepting = trio.CancelScope()
+        self._connections: trio.Nursery | None = None
+        self._stopped = trio.Event()
+        self._log = structlog.get_logger("wsgate")
+        self._server_ssl: ssl.SSLContext | None = None
+        if config.gateway.tls:
+            self._server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._server_ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._server_ssl.load_cert_chain(
+                config.gateway.tls.certificate, config.gateway.tls.private_key
+            )
+
+    # -- public --------------------------------------------------------------------
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs actually bound, valid once :meth:`run` has started."""
+        return list(self._addresses)
+
+    @property
+    def url(self) -> str:
+        """The ws:// or wss:// base URL of the first listener."""
+        host, port = self._addresses[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"{'wss' if self._server_ssl else 'ws'}://{host}:{port}"
+
+    @property
+    def pairs(self) -> Mapping[str, Pair]:
+        """Open pairs by correlation id (a live, read-only view)."""
+        return self._pairs
+
+    def stats(self) -> GatewayStats:
+        """Current counts: open pairs, capacity, handshakes under way, draining."""
+        return GatewayStats(
+            active_pairs=len(self._pairs),
+            capacity=self.config.gateway.max_connections,
+            handshakes_in_progress=self._handshaking,
+            draining=self._draining,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report ``self`` through ``task_status``, serve until drained or cancelled."""
+        listen = self.config.gateway.listen
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host, backlog=1024)
+        self._addresses = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]  # type: ignore[misc]
+        try:
+            async with trio.open_nursery() as connections:
+                self._connections = connections
+                with self._accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(self._accept_loop, listener.socket)
+                        self._log.info(
+                            "gateway_started",
+                            addresses=[f"{h}:{p}" for h, p in self._addresses],
+                            apis=[api.name for api in self.config.apis],
+                            max_connections=self.config.gateway.max_connections,
+                            tls=self._server_ssl is not None,
+                        )
+                        task_status.started(self)
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+            self._stopped.set()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, close every pair with 1001, and wait for them.
+
+        Pairs still open after ``timeout`` seconds (default: the config's
+        ``drain_timeout``) are cut. Returns once :meth:`run` has returned.
+        """
+        if timeout is None:
+            timeout = self.config.gateway.drain_timeout
+        self._draining = True
+        self._accepting.cancel()
+        open_pairs = len(self._pairs)
+        self._log.info("drain_started", open_pairs=open_pairs, timeout=timeout)
+        for pair in list(self._pairs.values()):
+            pair.stop(End.DRAIN)
+        with trio.move_on_after(timeout):
+            await self._stopped.wait()
+        if not self._stopped.is_set() and self._connections is not None:
+            self._connections.cancel_scope.cancel()
+            await self._stopped.wait()
+        self._log.info("drain_finished", open_pairs_at_start=open_pairs)
+
+    # -- accepting -----------------------------------------------------------------
+    async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
+        # A spare descriptor lets us accept and refuse a client with 503 even when
+        # the process has run out of them, instead of spinning on EMFILE.
+        reserve: int | None = os.open(os.devnull, os.O_RDONLY)
+        assert self._connections is not None
+        try:
+            while True:
+                try:
+                    sock, address = await listener.accept()
+                except OSError as exc:
+                    if not is_out_of_fds(exc) or reserve is None:
+                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                            continue
+                        raise
+                    os.close(reserve)
+                    reserve = None
+                    await self._refuse_for_fds(listener)
+                    reserve = _reopen_reserve()
+                    continue
+                self._connections.start_soon(self._serve_client, sock, address)
+        finally:
+            if reserve is not None:
+                os.close(reserve)
+
+    async def _refuse_for_fds(self, listener: trio.socket.SocketType) -> None:
+        try:
+            sock, _ = await listener.accept()
+        except OSError:
+            await trio.sleep(0.05)  # still none: back off rather than spin
+            return
+        self._log.warning("out_of_file_descriptors", limit=fd_limit())
+        with sock:
+            rejection = HandshakeRejected(
+                503,
+                "gateway is out of file descriptors",
+                reason="OutOfFileDescriptors",
+                headers=[("Retry-After", str(RETRY_AFTER))],
+            )
+            try:
+                sock.send(error_response(rejection))
+            except OSError:
+                pass
+
+    # -- one client ----------------------------------------------------------------
+    async def _serve_client(self, sock: trio.socket.SocketType, address: Any) -> None:
+        """The connection task: handshake, then relay. Never raises but Cancelled."""
+        record = _HandshakeLog(correlation_id=str(uuid.uuid4()), caller_ip_address=address[0])
+        log = self._log.bind(correlation_id=record.correlation_id)
+        client: Endpoint | None = None
+        self._handshaking += 1
+        counted = True
+        try:
+            with trio.fail_after(self.config.gateway.handshake_timeout):
+                client = await self._open_client(sock)
+                read = await _read_request(client, address[0], self._server_ssl is not None)
+            if read is None:
+                return  # connected and left without a request: nothing to log
+            request, trailing = read
+            record.method = request.method
+            record.url = redact_target(request.target)
+            self._handshaking -= 1
+            counted = False
+            await self._broker(client, request, trailing, record, log)
+            client = None  # the pair closed it
+        except HandshakeRejected as exc:
+            await self._refuse(client, exc, record, log)
+        except trio.TooSlowError:
+            await self._refuse(
+                client,
+                HandshakeRejected(
+                    408, "no complete handshake within handshake_timeout", reason="HandshakeTimeout"
+                ),
+                record,
+                log,
+            )
+        except PEER_GONE:
+            pass
+        except ssl.SSLError as exc:
+            log.info("tls_handshake_failed", caller_ip_address=address[0], error=str(exc))
+        except Exception as exc:
+            log.exception("connection_failed")
+            if record.response_code is None:
+                await self._refuse(
+                    client,
+                    HandshakeRejected(500, "internal gateway error", reason="InternalError"),
+                    record,
+                    log,
+                    detail=repr(exc),
+                )
+        finally:
+            if counted:
+                self._handshaking -= 1
+            if client is not None:
+                client.abort()
+            elif sock.fileno() != -1:
+                sock.close()
+
+    async def _open_client(self, sock: trio.socket.SocketType) -> Endpoint:
+        if self._server_ssl is None:
+            return RawSocket(detach(trio.SocketStream(sock)))
+        tls = trio.SSLStream(trio.SocketStream(sock), self._server_ssl, server_side=True)
+        await tls.do_handshake()
+        return StreamEndpoint(tls)
+
+    async def _refuse(
+        self,
+        client: Endpoint | None,
+        rejection: HandshakeRejected,
+        record: _HandshakeLog,
+        log: Any,
+        detail: str | None = None,
+    ) -> None:
+        record.response_code = rejection.status
+        record.last_error_reason = rejection.reason
+        record.last_error_message = detail or rejection.message
+        record.last_error_source = rejection.source
+        if isinstance(rejection, BackendRejected):
+            record.backend_response_code = rejection.status
+        record.emit(log)
+        if client is None:
+            return
+        with trio.move_on_after(self.config.gateway.close_timeout):
+            try:
+                await client.send_all(error_response(rejection))
+                await client.close(self.config.gateway.close_timeout)
+            except PEER_GONE:
+                pass
+
+    async def _broker(
+        self,
+        client: Endpoint,
+        request: ClientRequest,
+        trailing: bytes,
+        record: _HandshakeLog,
+        log: Any,
+    ) -> None:
+        """Run onHandshake, open the backend, answer 101 and relay until the pair ends."""
+        match = self._router.match(request.path)
+        if match is None:
+            raise HandshakeRejected(404, "no API at this path", reason="ApiNotFound")
+        api, rest = match
+        record.api_id = api.name
+        log = log.bind(api_id=api.name)
+        upgrade = validate_upgrade(request)
+        ctx = HandshakeContext(
+            request=request,
+            api=api,
+            backend=api.backend,
+            rest=rest,
+            query=request.query,
+            headers=backend_headers(request, upgrade, gateway_host=request.header("host")),
+        )
+        for policy in self._policies.get(api.name, ()):
+            try:
+                await policy.on_handshake(ctx)
+            except HandshakeRejected as exc:
+                exc.source = exc.source or policy.name
+                raise
+        record.extra.update(ctx.log_fields)
+        record.url = redact_target(request.target)
+        if self._draining:
+            raise HandshakeRejected(503, "gateway is shutting down", reason="Draining")
+        token = object()
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            raise HandshakeRejected(
+                503,
+                f"gateway is at capacity ({self._limiter.total_tokens} connections)",
+                reason="CapacityExceeded",
+                headers=[("Retry-After", str(RETRY_AFTER))],
+            ) from None
+        try:
+            await self._connect_and_relay(client, ctx, upgrade, trailing, record, log)
+        finally:
+            self._limiter.release_on_behalf_of(token)
+
+    async def _connect_and_relay(
+        self,
+        client: Endpoint,
+        ctx: HandshakeContext,
+        upgrade: Any,
+        trailing: bytes,
+        record: _HandshakeLog,
+        log: Any,
+    ) -> None:
+        api: ApiConfig = ctx.api
+        target = ctx.backend_target
+        record.backend_url = redact_target(ctx.backend.url.split("?")[0] + _query_of(target))
+        started = trio.current_time()
+        try:
+            with trio.fail_after(self.config.gateway.backend_connect_timeout):
+                backend = await open_backend(
+                    ctx.backend, target, ctx.headers, upgrade, ca_file=api.backend_ca_file
+                )
+        except trio.TooSlowError:
+            raise BackendTimeout(f"{ctx.backend.url}: no complete handshake in time") from None
+        finally:
+            record.backend_time = trio.current_time() - started
+        record.backend_response_code = 101
+        try:
+            await client.send_all(switching_protocols(upgrade.key, backend.accept))
+        except BaseException:
+            backend.endpoint.abort()
+            raise
+        record.response_code = 101
+        record.subprotocol = backend.accept.subprotocol
+        record.emit(log)
+        pair = Pair(
+            correlation_id=record.correlation_id,
+            api=api.name,
+            caller_ip=record.caller_ip_address,
+            client=client,
+            backend=backend.endpoint,
+            max_message_size=api.max_message_size,
+            allow_rsv=backend.accept.extensions is not None,
+            idle_timeout=api.idle_timeout,
+            close_timeout=self.config.gateway.close_timeout,
+            log=log,
+        )
+        self._pairs[pair.correlation_id] = pair
+        try:
+            if self._draining:
+                pair.stop(End.DRAIN)
+            await pair.run(trailing, backend.trailing)
+        finally:
+            del self._pairs[pair.correlation_id]
+
+
+def _query_of(target: str) -> str:
+    _, sep, query = target.partition("?")
+    return sep + query
+
+
+async def _read_request(
+    client: Endpoint, caller_ip: str, secure: bool
+) -> tuple[ClientRequest, bytes] | None:
+    """Read one upgrade request (at most MAX_REQUEST_HEAD bytes of head).
+
+    Returns None if the client closed without sending anything; raises
+    HandshakeRejected for a request that is malformed or too large.
+    """
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    buf = memoryview(bytearray(8192))
+    event: Any = None
+    request: h11.Request | None = None
+    received = 0
+    while not isinstance(event, h11.EndOfMessage):
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            raise HandshakeRejected(
+                status,
+                "request header fields too large" if status == 431 else f"malformed request: {exc}",
+                reason="RequestHeaderTooLarge" if status == 431 else "MalformedRequest",
+            ) from None
+        if event is h11.NEED_DATA:
+            n = await client.recv_into(buf)
+            if n == 0 and received == 0:
+                return None
+            received += n
+            conn.receive_data(bytes(buf[:n]))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            raise HandshakeRejected(400, "a handshake request has no body", reason="BadHandshake")
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+    assert request is not None
+    target = request.target.decode("ascii", "replace")
+    if not target.startswith("/"):
+        # Absolute-form targets would make the gateway look like a forward proxy.
+        raise HandshakeRejected(400, "request target must be a path", reason="BadHandshake")
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+    parsed = ClientRequest(
+        method=request.method.decode("ascii"),
+        target=target,
+        headers=headers,
+        client_ip=caller_ip,
+        secure=secure,
+    )
+    return parsed, conn.trailing_data[0]
+
+
+def _reopen_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def fd_limit() -> int:
+    """The process's current soft limit on open file descriptors."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard limit (each pair needs two); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return fd_limit()
+
+

@@ -1,0 +1,173 @@
+"""The thin I/O shell: the only module that reads and writes client and backend bytes.
+
+Two endpoint kinds share one small interface so the relay has a single pump:
+
+* :class:`RawSocket` drives a non-blocking stdlib socket with Trio's
+  ``wait_readable``/``wait_writable``. Trio's own socket methods try the
+  syscall, fail with EAGAIN, park, re-arm and retry on *every* call; here we
+  wait first only when the previous read came up short, and send directly,
+  waiting only on a partial send. That is most of the relay's speed.
+* :class:`StreamEndpoint` wraps any Trio stream (used for TLS legs, since
+  ``trio.SSLStream`` cannot be driven at the socket level).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import trio
+
+# Back-to-back full reads skip waiting for readability; yield to the scheduler
+# every few of them so one busy pair cannot starve the others.
+_FULL_READS_BEFORE_YIELD = 4
+
+#: Errors that mean "the peer is gone" rather than "the gateway is broken".
+PEER_GONE = (ConnectionError, TimeoutError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class RawSocket:
+    """A connected, non-blocking stdlib socket used directly for relaying."""
+
+    __slots__ = ("_full_reads", "dirty", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._full_reads = 0
+        #: True while a send was interrupted part-way: the peer may hold half a frame.
+        self.dirty = False
+
+    async def recv_into(self, buf: memoryview) -> int:
+        """Read into ``buf``; return the count, 0 at end of stream."""
+        if self._full_reads == 0:
+            await trio.lowlevel.wait_readable(self.sock)
+        elif self._full_reads >= _FULL_READS_BEFORE_YIELD:
+            self._full_reads = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                n = self.sock.recv_into(buf)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            self._full_reads = self._full_reads + 1 if n == len(buf) else 0
+            return n
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send every byte; waits for writability only after a partial send.
+
+        ``data`` may be a view of a buffer shared with other pumps, so the unsent
+        tail is copied before the first wait.
+        """
+        view = memoryview(data)
+        try:
+            sent = self.sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(view):
+            return
+        rest = memoryview(bytes(view[sent:]))
+        self.dirty = True
+        while rest:
+            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                rest = rest[self.sock.send(rest) :]
+            except BlockingIOError:
+                pass
+        self.dirty = False
+
+    async def close(self, linger: float) -> None:
+        """Close gracefully: half-close, wait up to ``linger`` s for the peer's EOF, close.
+
+        Closing with unread bytes queued would send a RST that can destroy the
+        close frame we just sent, so the peer's last bytes are read and dropped.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            with trio.move_on_after(linger):
+                buf = bytearray(4096)
+                while True:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    try:
+                        if self.sock.recv_into(buf) == 0:
+                            break
+                    except BlockingIOError:
+                        continue
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def abort(self) -> None:
+        """Close at once with a TCP reset."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class StreamEndpoint:
+    """Any Trio stream (a TLS leg) behind the same interface as :class:`RawSocket`."""
+
+    __slots__ = ("dirty", "stream")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.dirty = False
+
+    async def recv_into(self, buf: memoryview) -> int:
+        """Read into ``buf``; return the count, 0 at end of stream."""
+        data = await self.stream.receive_some(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send every byte (copied first: ``data`` may view a shared buffer)."""
+        self.dirty = True
+        await self.stream.send_all(bytes(data))
+        self.dirty = False
+
+    async def close(self, linger: float) -> None:
+        """Close gracefully within ``linger`` seconds, forcefully after."""
+        with trio.move_on_after(linger) as scope:
+            try:
+                await self.stream.aclose()
+            except PEER_GONE:
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.stream)
+
+    def abort(self) -> None:
+        """Close at once without a TLS close_notify."""
+        sock = _underlying_socket(self.stream)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            sock.close()
+
+
+Endpoint = RawSocket | StreamEndpoint
+
+
+def _underlying_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+def detach(stream: trio.SocketStream) -> socket.socket:
+    """Take the stdlib socket out of a Trio SocketStream (which is left closed)."""
+    tsock = stream.socket
+    return socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
+
+
+def is_out_of_fds(exc: BaseException) -> bool:
+    """Whether ``exc`` means the process or system ran out of file descriptors."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)

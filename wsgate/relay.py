@@ -1,0 +1,286 @@
+"""The relay: two pumps move frames byte-for-byte between a client and its backend.
+
+A :class:`Pair` is owned by its client connection's task. :meth:`Pair.run`
+opens the pair's nursery holding the two pump tasks (and an idle watchdog), so
+the end of either side cancels everything deterministically; then it sends the
+gateway's own close frames (decided by :func:`wsgate.closing.close_plan`) and
+closes both legs.
+
+Per chunk the hot path is: ``recv_into`` a buffer shared by the process, let
+the sans-io :class:`~wsgate.frames.FrameScanner` vouch for the bytes, send
+them on unchanged. No task awaits while the shared buffer holds bytes it still
+needs: the endpoints copy any unsent tail before waiting.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+import trio
+
+from .closing import ABNORMAL, NO_STATUS, End, close_plan
+from .errors import MessageTooBig
+from .logs import utc_now
+from .frames import FrameScanner, build_close_frame
+from .netio import PEER_GONE, Endpoint
+
+#: One read at most; shared by every pump of the process (see module docstring).
+CHUNK = 64 * 1024
+_shared = memoryview(bytearray(CHUNK))
+
+CLIENT = "client"
+BACKEND = "backend"
+
+
+class _Side:
+    """One leg of a pair and the scanner of the frames it sends."""
+
+    __slots__ = ("bytes_in", "closed", "endpoint", "gone", "name", "scanner")
+
+    def __init__(self, name: str, endpoint: Endpoint, scanner: FrameScanner) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.scanner = scanner  # frames *from* this side
+        self.bytes_in = 0
+        self.gone = False  # the connection broke: nothing more can be sent to it
+        self.closed = False  # the gateway closed it cleanly
+
+
+class Pair:
+    """A client connection paired with its backend connection.
+
+    Live counters (``messages_from_client``...) may be read at any time, e.g.
+    by the management API; :meth:`stop` ends the pair from outside.
+    """
+
+    def __init__(
+        self,
+        *,
+        correlation_id: str,
+        api: str,
+        caller_ip: str,
+        client: Endpoint,
+        backend: Endpoint,
+        max_message_size: int,
+        allow_rsv: bool,
+        idle_timeout: float,
+        close_timeout: float,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.correlation_id = correlation_id
+        self.api = api
+        self.caller_ip = caller_ip
+        self.client = _Side(
+            CLIENT,
+            client,
+            FrameScanner(
+                from_client=True, max_message_size=max_message_size, allow_rsv=allow_rsv
+            ),
+        )
+        self.backend = _Side(
+            BACKEND,
+            backend,
+            FrameScanner(
+                from_client=False, max_message_size=max_message_size, allow_rsv=allow_rsv
+            ),
+        )
+        self.idle_timeout = idle_timeout
+        self.close_timeout = close_timeout
+        self.connected_at = time.time()
+        self.last_activity = trio.current_time()
+        self.end: End | None = None
+        self._stop_reason: str | None = None
+        self._first_closer: _Side | None = None
+        self._scope = trio.CancelScope()
+        self._log = log
+
+    # -- live statistics -------------------------------------------------------------
+    @property
+    def messages_from_client(self) -> int:
+        """Data messages the client has sent through the gateway."""
+        return self.client.scanner.messages
+
+    @property
+    def messages_from_backend(self) -> int:
+        """Data messages the backend has sent through the gateway."""
+        return self.backend.scanner.messages
+
+    @property
+    def bytes_from_client(self) -> int:
+        """Bytes (frame headers included) read from the client."""
+        return self.client.bytes_in
+
+    @property
+    def bytes_from_backend(self) -> int:
+        """Bytes (frame headers included) read from the backend."""
+        return self.backend.bytes_in
+
+    # -- control -------------------------------------------------------------------
+    def stop(self, end: End, reason: str | None = None) -> None:
+        """End the pair for ``end`` (the first reason given wins)."""
+        if self.end is None:
+            self.end = end
+            self._stop_reason = reason
+        self._scope.cancel()
+
+    async def run(self, client_initial: bytes = b"", backend_initial: bytes = b"") -> None:
+        """Relay until the pair ends, then close both legs. Never raises but Cancelled.
+
+        ``*_initial`` are bytes already read during the handshake (e.g. frames
+        the backend sent right behind its 101).
+        """
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, self.client, self.backend, client_initial)
+                    nursery.start_soon(self._pump, self.backend, self.client, backend_initial)
+                    if self.idle_timeout > 0:
+                        nursery.start_soon(self._watch_idle)
+            if self.end is None:  # the close handshake's deadline passed
+                self.end = End.CLOSE_TIMEOUT
+        except Exception:
+            self._log.exception("relay_failed")
+            self.end = End.INTERNAL_ERROR
+        await self._finish()
+
+    # -- the pumps -----------------------------------------------------------------
+    async def _pump(self, src: _Side, dst: _Side, initial: bytes) -> None:
+        scanner = src.scanner
+        if initial:
+            src.bytes_in += len(initial)
+            if not await self._forward(src, dst, memoryview(initial)):
+                return
+        recv_into = src.endpoint.recv_into
+        buf = _shared
+        while True:
+            try:
+                n = await recv_into(buf)
+            except PEER_GONE:
+                n = 0
+            if n == 0:
+                self._source_ended(src)
+                return
+            src.bytes_in += n
+            self.last_activity = trio.current_time()
+            if scanner.close_received:
+                continue  # nothing after a close frame is forwarded
+            if not await self._forward(src, dst, buf[:n]):
+                return
+
+    async def _forward(self, src: _Side, dst: _Side, data: memoryview) -> bool:
+        """Scan and send ``data``; False when this direction must stop."""
+        scanner = src.scanner
+        count = scanner.feed(data)
+        if count:
+            try:
+                await dst.endpoint.send_all(data[:count])
+            except PEER_GONE:
+                dst.gone = True
+                self._source_ended(dst)
+                return False
+        if scanner.error is not None:
+            too_big = isinstance(scanner.error, MessageTooBig)
+            if src is self.client:
+                end = End.CLIENT_MESSAGE_TOO_BIG if too_big else End.CLIENT_PROTOCOL_ERROR
+            else:
+                end = End.BACKEND_MESSAGE_TOO_BIG if too_big else End.BACKEND_PROTOCOL_ERROR
+            self._log.info("protocol_error", side=src.name, error=str(scanner.error))
+            self.stop(end)
+            return False
+        if scanner.close_received and count:
+            if self._first_closer is None:
+                self._first_closer = src
+                # The peer now has close_timeout to answer in kind.
+                self._scope.deadline = trio.current_time() + self.close_timeout
+            else:
+                self.stop(End.CLIENT_CLOSED if self._first_closer is self.client
+                          else End.BACKEND_CLOSED)
+        return True
+
+    def _source_ended(self, side: _Side) -> None:
+        """``side``'s connection ended (EOF, reset or a failed send)."""
+        if self._first_closer is not None:
+            # A close handshake was under way: this is its (possibly abrupt) end.
+            self.stop(
+                End.CLIENT_CLOSED if self._first_closer is self.client else End.BACKEND_CLOSED
+            )
+            if not side.scanner.close_received:
+                side.gone = True
+            return
+        side.gone = True
+        self.stop(End.CLIENT_VANISHED if side is self.client else End.BACKEND_VANISHED)
+
+    async def _watch_idle(self) -> None:
+        while True:
+            deadline = self.last_activity + self.idle_timeout
+            if trio.current_time() >= deadline:
+                self.stop(End.IDLE_TIMEOUT)
+                return
+            await trio.sleep_until(deadline)
+
+    # -- the end -------------------------------------------------------------------
+    async def _finish(self) -> None:
+        """Send the gateway's close frames, close both legs, log the disconnect."""
+        end = self.end or End.INTERNAL_ERROR
+        plan = close_plan(end, reason=self._stop_reason)
+        try:
+            with trio.move_on_after(self.close_timeout) as scope:
+                scope.shield = True  # even when draining is cancelling us, say goodbye
+                async with trio.open_nursery() as nursery:
+                    for side, partner, code in (
+                        (self.client, self.backend, plan.to_client),
+                        (self.backend, self.client, plan.to_backend),
+                    ):
+                        nursery.start_soon(self._close_side, side, partner, code, plan.reason)
+        finally:
+            for side in (self.client, self.backend):
+                if not side.closed:
+                    side.closed = True
+                    side.endpoint.abort()
+        closed_by, code, reason = self._outcome(end, plan.closed_by, plan.to_client)
+        self._log.info(
+            "disconnect",
+            timestamp=utc_now(),
+            duration=round(time.time() - self.connected_at, 6),
+            closed_by=closed_by,
+            close_code=code,
+            close_reason=reason,
+            end=end.name.lower(),
+            messages_from_client=self.messages_from_client,
+            messages_from_backend=self.messages_from_backend,
+            bytes_from_client=self.bytes_from_client,
+            bytes_from_backend=self.bytes_from_backend,
+        )
+
+    async def _close_side(self, side: _Side, partner: _Side, code: int | None, why: str) -> None:
+        """Give ``side`` a close frame if it is owed one, then close its connection."""
+        if side.gone:
+            return  # aborted by _finish
+        frame: bytes | None = None
+        if not partner.scanner.close_received:  # no close frame reached this side yet
+            if side.scanner.close_received:
+                # It started a close handshake its partner never answered: answer it.
+                frame = build_close_frame(side.scanner.close_code, "", mask=side is self.backend)
+            elif code is not None:
+                frame = build_close_frame(code, why, mask=side is self.backend)
+        # Our own frame may only start where the partner's last frame ended.
+        if frame is not None and (side.endpoint.dirty or not partner.scanner.at_boundary):
+            return  # aborted by _finish
+        try:
+            if frame is not None:
+                await side.endpoint.send_all(frame)
+            await side.endpoint.close(self.close_timeout)
+            side.closed = True
+        except PEER_GONE:
+            pass
+
+    def _outcome(self, end: End, closed_by: str, gateway_code: int | None) -> tuple[str, int, str]:
+        closer = self._first_closer
+        if end in (End.CLIENT_CLOSED, End.BACKEND_CLOSED, End.CLOSE_TIMEOUT) and closer:
+            code = closer.scanner.close_code
+            return closer.name, NO_STATUS if code is None else code, closer.scanner.close_reason
+        if end in (End.CLIENT_VANISHED, End.BACKEND_VANISHED):
+            return closed_by, ABNORMAL, end.value
+        return closed_by, gateway_code or ABNORMAL, self._stop_reason or end.value
+
