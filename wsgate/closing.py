@@ -5,6 +5,10 @@ code the gateway itself sends to each side (``None``: that side gets no frame
 from the gateway, because the peer's own close frame reached it, or it is
 gone) and what the disconnect log records.
 
+A backend that vanishes earns the client 1011, not 1014 "bad gateway": wsproto
+(under trio-websocket, among others) fails a connection that receives 1014 as
+"unknown reserved code", which would turn our report into a protocol error.
+
 Close frames sent by the peers are never rewritten: they pass through the relay
 byte for byte. Local-only codes (1005 "no status", 1006 "abnormal", 1015 "TLS
 failure") can be *recorded* in logs but never go on the wire.
@@ -24,7 +28,6 @@ ABNORMAL = 1006  # local only: the TCP connection ended without a close frame
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
-BAD_GATEWAY = 1014
 TLS_FAILURE = 1015  # local only
 
 LOCAL_ONLY = frozenset({NO_STATUS, ABNORMAL, TLS_FAILURE})
@@ -63,7 +66,7 @@ _PLANS: dict[End, tuple[str, int | None, int | None]] = {
     End.CLIENT_CLOSED: ("client", None, None),
     End.BACKEND_CLOSED: ("backend", None, None),
     End.CLIENT_VANISHED: ("client", None, GOING_AWAY),
-    End.BACKEND_VANISHED: ("backend", BAD_GATEWAY, None),
+    End.BACKEND_VANISHED: ("backend", INTERNAL_ERROR, None),
     End.CLIENT_PROTOCOL_ERROR: ("gateway", PROTOCOL_ERROR, PROTOCOL_ERROR),
     End.BACKEND_PROTOCOL_ERROR: ("gateway", PROTOCOL_ERROR, PROTOCOL_ERROR),
     End.CLIENT_MESSAGE_TOO_BIG: ("gateway", MESSAGE_TOO_BIG, GOING_AWAY),
@@ -86,15 +89,6 @@ def close_plan(end: End, *, reason: str | None = None) -> ClosePlan:
     return ClosePlan(closed_by, to_client, to_backend, reason if reason is not None else end.value)
 
 
-def reply_code(received: int | None) -> int | None:
-    """The code to answer a peer's close frame with, when its partner cannot.
-
-    RFC 6455 5.5.1: the reply typically echoes the received code. An empty
-    close frame (1005) is answered with an empty one.
-    """
-    return received
-
-
 def wire_code(code: int) -> int:
     """A code that may legally be sent on the wire in place of ``code``.
 
@@ -102,8 +96,6 @@ def wire_code(code: int) -> int:
     told the nearest wire code instead (trio-websocket silently sends 1000 here,
     which would make a failure look like a clean close).
     """
-    if code == ABNORMAL:
-        return BAD_GATEWAY
     if code in LOCAL_ONLY:
         return INTERNAL_ERROR
     return code

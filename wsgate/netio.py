@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Callable
 
 import trio
 
@@ -80,23 +81,26 @@ class RawSocket:
                 pass
         self.dirty = False
 
-    async def close(self, linger: float) -> None:
-        """Close gracefully: half-close, wait up to ``linger`` s for the peer's EOF, close.
+    async def close(self, linger: float, enough: Callable[[memoryview], bool] | None = None) -> None:
+        """Close gracefully: half-close, read the peer's last bytes, close.
 
-        Closing with unread bytes queued would send a RST that can destroy the
-        close frame we just sent, so the peer's last bytes are read and dropped.
+        Closing with unread bytes queued sends a RST that can destroy the close
+        frame we just sent, so we read (and drop) what the peer still sends, for
+        at most ``linger`` seconds, until its EOF or until ``enough(data)`` says
+        the bytes seen complete the close handshake.
         """
         try:
             self.sock.shutdown(socket.SHUT_WR)
             with trio.move_on_after(linger):
-                buf = bytearray(4096)
+                buf = memoryview(bytearray(4096))
                 while True:
                     await trio.lowlevel.wait_readable(self.sock)
                     try:
-                        if self.sock.recv_into(buf) == 0:
-                            break
+                        n = self.sock.recv_into(buf)
                     except BlockingIOError:
                         continue
+                    if n == 0 or (enough is not None and enough(buf[:n])):
+                        break
         except OSError:
             pass
         finally:
@@ -132,8 +136,8 @@ class StreamEndpoint:
         await self.stream.send_all(bytes(data))
         self.dirty = False
 
-    async def close(self, linger: float) -> None:
-        """Close gracefully within ``linger`` seconds, forcefully after."""
+    async def close(self, linger: float, enough: Callable[[memoryview], bool] | None = None) -> None:
+        """Close gracefully (TLS close_notify) within ``linger`` seconds, forcefully after."""
         with trio.move_on_after(linger) as scope:
             try:
                 await self.stream.aclose()

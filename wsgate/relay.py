@@ -19,7 +19,7 @@ import time
 import structlog
 import trio
 
-from .closing import ABNORMAL, NO_STATUS, End, close_plan
+from .closing import ABNORMAL, NO_STATUS, ClosePlan, End, close_plan
 from .errors import MessageTooBig
 from .logs import utc_now
 from .frames import FrameScanner, build_close_frame
@@ -130,6 +130,7 @@ class Pair:
         ``*_initial`` are bytes already read during the handshake (e.g. frames
         the backend sent right behind its 101).
         """
+        cut = True  # until proven otherwise: an outer cancellation skips the goodbyes
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -139,9 +140,16 @@ class Pair:
                         nursery.start_soon(self._watch_idle)
             if self.end is None:  # the close handshake's deadline passed
                 self.end = End.CLOSE_TIMEOUT
+            cut = False
         except Exception:
             self._log.exception("relay_failed")
             self.end = End.INTERNAL_ERROR
+            cut = False
+        finally:
+            if cut:
+                self.end = self.end or End.TERMINATED
+                self._abort_both()
+                self._log_disconnect(close_plan(self.end, reason=self._stop_reason))
         await self._finish()
 
     # -- the pumps -----------------------------------------------------------------
@@ -234,10 +242,17 @@ class Pair:
                     ):
                         nursery.start_soon(self._close_side, side, partner, code, plan.reason)
         finally:
-            for side in (self.client, self.backend):
-                if not side.closed:
-                    side.closed = True
-                    side.endpoint.abort()
+            self._abort_both()
+        self._log_disconnect(plan)
+
+    def _abort_both(self) -> None:
+        for side in (self.client, self.backend):
+            if not side.closed:
+                side.closed = True
+                side.endpoint.abort()
+
+    def _log_disconnect(self, plan: ClosePlan) -> None:
+        end = self.end or End.INTERNAL_ERROR
         closed_by, code, reason = self._outcome(end, plan.closed_by, plan.to_client)
         self._log.info(
             "disconnect",
@@ -267,10 +282,22 @@ class Pair:
         # Our own frame may only start where the partner's last frame ended.
         if frame is not None and (side.endpoint.dirty or not partner.scanner.at_boundary):
             return  # aborted by _finish
+        linger, enough = self.close_timeout, None
+        if side is self.client:
+            # As the client's server we close first once its close frame is in
+            # (RFC 6455 7.1.1); clients may wait for that before closing theirs.
+            scanner = side.scanner
+            if scanner.close_received or scanner.error is not None:
+                linger = 0
+
+            def enough(data: memoryview) -> bool:
+                scanner.feed(data)
+                return scanner.close_received or scanner.error is not None
+
         try:
             if frame is not None:
                 await side.endpoint.send_all(frame)
-            await side.endpoint.close(self.close_timeout)
+            await side.endpoint.close(linger, enough)
             side.closed = True
         except PEER_GONE:
             pass

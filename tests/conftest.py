@@ -1,0 +1,43 @@
+"""Shared fixtures. Every async test runs under a trio.fail_after guard."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from wsgate.echo import serve_echo
+
+#: Seconds an async test may take unless marked ``@pytest.mark.deadline(N)``.
+DEFAULT_DEADLINE = 30.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "deadline(seconds): fail the test after this long")
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_call(item: pytest.Function) -> Iterator[None]:
+    test = item.obj
+    if inspect.iscoroutinefunction(test):
+        marker = item.get_closest_marker("deadline")
+        limit = marker.args[0] if marker else DEFAULT_DEADLINE
+
+        @functools.wraps(test)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            with trio.fail_after(limit):
+                return await test(*args, **kwargs)
+
+        item.obj = guarded
+    yield
+
+
+@pytest.fixture
+async def echo_url(nursery: trio.Nursery) -> str:
+    """A trio-websocket echo backend on 127.0.0.1 (any path)."""
+    port = await nursery.start(serve_echo, "127.0.0.1", 0)
+    return f"ws://127.0.0.1:{port}/echo"

@@ -1,0 +1,603 @@
+"""Gateway configuration: frozen attrs classes, validated at construction, read once from TOML.
+
+Every class validates its own fields, so a config built in code is checked exactly
+like one read from a file. The file reader (:func:`load_config`, :func:`parse_config`)
+adds what only a file can know: unknown keys, TOML types, relative paths, and the
+key path of each problem. It collects every problem in the file and raises one
+:class:`~wsgate.errors.ConfigError`.
+
+Conventions that keep the reader generic:
+
+* a TOML key has the same name as the attrs field it fills;
+* field validators look at their own value only (the reader runs them one by one,
+  with no instance, to report every bad field); rules that span fields live in
+  ``__attrs_post_init__``;
+* a rule that can point at a precise key raises :class:`KeyedValueError`.
+
+Adding a table (say ``[admin]``) is: write the attrs class, add its entry to
+``_SPECS`` and a ``"admin": _table(AdminConfig)`` key to the parent's entry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from wsgate.errors import ConfigError
+
+__all__ = [
+    "ApiConfig",
+    "BackendURL",
+    "Config",
+    "GatewayConfig",
+    "KeyedValueError",
+    "Listen",
+    "TLSConfig",
+    "load_config",
+    "parse_config",
+]
+
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+class KeyedValueError(ValueError):
+    """A validation failure that names the exact keys at fault.
+
+    ``problems`` holds ``(key, reason)`` pairs; keys are relative to the object
+    being validated (``"backend_ca_file"``, ``"apis[2].name"``).
+    """
+
+    def __init__(self, problems: Iterable[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{key}: {reason}" for key, reason in self.problems))
+
+
+# --- validators -------------------------------------------------------------------------
+
+
+def _has_space_or_control(text: str) -> bool:
+    return any(ch.isspace() or not ch.isprintable() for ch in text)
+
+
+def _number(minimum: float, *, inclusive: bool = True, integer: bool = False) -> _Validator:
+    """Number >= (or >) ``minimum``; rejects bool, and NaN/inf (TOML allows them)."""
+    op = ">=" if inclusive else ">"
+    kind, types = ("an integer", int) if integer else ("a number", (int, float))
+
+    def check(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f"must be {kind}, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if value < minimum or (value == minimum and not inclusive):
+            raise ValueError(f"must be {op} {minimum:g}, got {value!r}")
+
+    return check
+
+
+def _port(minimum: int) -> _Validator:
+    def check(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 65535:
+            raise ValueError(f"port must be an integer {minimum}-65535, got {value!r}")
+
+    return check
+
+
+def _host(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        raise ValueError("host must not be empty")
+    if _has_space_or_control(value) or any(c in value for c in "[]/@?#"):
+        raise ValueError(f"invalid host {value!r}")
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {value!r}") from None
+
+
+def _existing_file(_inst: object, _attr: attrs.Attribute[Any], value: Path | None) -> None:
+    if value is not None and not value.is_file():
+        raise ValueError(
+            f"file not found: {value}" if not value.exists() else f"not a file: {value}"
+        )
+
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+def _api_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid name {value!r}: use lowercase letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _non_empty(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not value.strip():
+        raise ValueError("must not be empty")
+
+
+def _strip_slashes(path: str) -> str:
+    # Stored bare so routing compares suffixes without caring how the user wrote them.
+    return path.strip("/")
+
+
+def _api_path(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if value == "":
+        return  # the root API
+    for segment in value.split("/"):
+        if segment == "":
+            reason = "empty segment ('//')"
+        elif segment in (".", ".."):
+            reason = "'.' and '..' segments are not allowed"
+        elif "?" in segment or "#" in segment:
+            reason = "must not contain '?' or '#'"
+        elif _has_space_or_control(segment):
+            reason = "must not contain whitespace or control characters"
+        else:
+            continue
+        raise ValueError(f"invalid path {value!r}: {reason}")
+
+
+def _service_url(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    BackendURL.parse(value)
+
+
+def _strings(_inst: object, _attr: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"must contain only strings, got {item!r}")
+
+
+def _unique(*keys: str) -> _Validator:
+    """Items of a sequence field must differ in each of ``keys``; names both indexes.
+
+    Items the file reader could not build arrive as namespaces of their valid
+    fields only (missing keys are skipped), so duplicates are still reported next
+    to the other problems in the file.
+    """
+
+    def check(_inst: object, attr: attrs.Attribute[Any], items: Sequence[object]) -> None:
+        problems = []
+        for key in keys:
+            seen: dict[object, int] = {}
+            for index, item in enumerate(items):
+                value = getattr(item, key, None)
+                if value is None:
+                    continue
+                if value in seen:
+                    problems.append(
+                        (
+                            f"{attr.name}[{index}].{key}",
+                            f"duplicate {key} {value!r} (also {attr.name}[{seen[value]}].{key})",
+                        )
+                    )
+                else:
+                    seen[value] = index
+        if problems:
+            raise KeyedValueError(problems)
+
+    return check
+
+
+# Concrete converters: mypy's attrs plugin cannot type a bare ``converter=tuple``.
+def _str_tuple(items: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(items, str):
+        raise ValueError(f"must be a sequence of strings, not the string {items!r}")
+    return tuple(items)
+
+
+def _api_tuple(items: Iterable[ApiConfig]) -> tuple[ApiConfig, ...]:
+    return tuple(items)
+
+
+# --- configuration classes --------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Listen:
+    """Where the gateway listens: a host name or IP (IPv6 without brackets) and a port (0 = any)."""
+
+    host: str = attrs.field(validator=_host)
+    port: int = attrs.field(validator=_port(0))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Listen:
+        """Parse ``"host:port"`` or ``"[ipv6]:port"``; ValueError on bad input."""
+        hint = "expected 'host:port' (e.g. '127.0.0.1:8080' or '[::1]:8080')"
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+            if sep and ":" not in host:
+                raise ValueError(f"brackets are only for IPv6 addresses, got {text!r}")
+        else:
+            host, sep, port = text.rpartition(":")
+            if ":" in host:
+                raise ValueError(f"IPv6 addresses need brackets, e.g. '[::1]:8080', got {text!r}")
+        if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port):
+            raise ValueError(f"{hint}, got {text!r}")
+        return cls(host=host, port=int(port))
+
+
+@attrs.frozen(kw_only=True)
+class TLSConfig:
+    """The gateway's own certificate chain and key, for serving wss://."""
+
+    certificate: Path = attrs.field(validator=_existing_file)
+    private_key: Path = attrs.field(validator=_existing_file)
+
+
+@attrs.frozen(kw_only=True)
+class GatewayConfig:
+    """Settings of the gateway process itself (the ``[gateway]`` table)."""
+
+    listen: Listen = Listen(host="127.0.0.1", port=8080)
+    max_connections: int = attrs.field(default=200, validator=_number(1, integer=True))
+    handshake_timeout: float = attrs.field(default=10.0, validator=_number(0, inclusive=False))
+    backend_connect_timeout: float = attrs.field(
+        default=10.0, validator=_number(0, inclusive=False)
+    )
+    close_timeout: float = attrs.field(default=5.0, validator=_number(0, inclusive=False))
+    drain_timeout: float = attrs.field(default=30.0, validator=_number(0))
+    tls: TLSConfig | None = None
+
+
+@attrs.frozen(kw_only=True)
+class BackendURL:
+    """A parsed ``ws://`` / ``wss://`` service URL.
+
+    ``host`` has no brackets even for IPv6; ``port`` is explicit (80/443 by
+    default); ``path`` starts with "/"; ``query`` has no leading "?".
+    """
+
+    secure: bool
+    host: str = attrs.field(validator=_host)
+    port: int = attrs.field(validator=_port(1))
+    path: str = "/"
+    query: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> BackendURL:
+        """Parse a service URL; ValueError says what is wrong with it."""
+        if _has_space_or_control(url):
+            raise ValueError("must not contain whitespace or control characters")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"invalid URL {url!r}: {exc}") from None
+        scheme = parts.scheme.lower()
+        if "://" not in url:
+            # Without "//" urlsplit reads "localhost:9000" as scheme "localhost".
+            raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
+        if scheme not in ("ws", "wss"):
+            raise ValueError(f"scheme must be ws or wss, got {scheme!r}")
+        if "@" in parts.netloc:
+            raise ValueError("must not contain userinfo (user:password@)")
+        if not parts.hostname:
+            raise ValueError(f"URL has no host: {url!r}")
+        if "#" in url:
+            raise ValueError("must not have a fragment ('#...')")
+        secure = scheme == "wss"
+        return cls(
+            secure=secure,
+            host=parts.hostname,
+            port=port if port is not None else (443 if secure else 80),
+            path=parts.path or "/",
+            query=parts.query,
+        )
+
+    @property
+    def host_header(self) -> str:
+        """The Host header value: the port is omitted when it is the scheme's default."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == (443 if self.secure else 80) else f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The URL back as a string, in normal form."""
+        query = f"?{self.query}" if self.query else ""
+        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}{query}"
+
+    def target(self, rest: str, client_query: str) -> str:
+        """The request-target for the backend.
+
+        ``rest`` (the client's path below the API's path) is appended to this
+        URL's path with exactly one "/" between them; the query is this URL's
+        query and then the client's, joined with "&".
+        """
+        path = self.path
+        if rest:
+            path = path.removesuffix("/") + "/" + rest.removeprefix("/")
+        query = "&".join(q for q in (self.query, client_query) if q)
+        return f"{path}?{query}" if query else path
+
+
+@attrs.frozen(kw_only=True)
+class ApiConfig:
+    """One WebSocket API: the URL suffix clients use and the backend it fronts."""
+
+    name: str = attrs.field(validator=_api_name)
+    path: str = attrs.field(converter=_strip_slashes, validator=_api_path)
+    service_url: str = attrs.field(validator=_service_url)
+    display_name: str = attrs.field(
+        default=attrs.Factory(lambda self: self.name, takes_self=True), validator=_non_empty
+    )
+    max_message_size: int = attrs.field(
+        default=16 * 1024 * 1024, validator=_number(0, integer=True)
+    )
+    idle_timeout: float = attrs.field(default=0.0, validator=_number(0))
+    backend_ca_file: Path | None = attrs.field(default=None, validator=_existing_file)
+    products: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple, validator=_strings)
+    backend: BackendURL = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        backend = BackendURL.parse(self.service_url)
+        object.__setattr__(self, "backend", backend)
+        if self.backend_ca_file is not None and not backend.secure:
+            raise KeyedValueError(
+                [("backend_ca_file", "only allowed with a wss:// service_url, not ws://")]
+            )
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """A whole gateway configuration; ``source`` is the file it was loaded from, if any."""
+
+    gateway: GatewayConfig = GatewayConfig()
+    apis: tuple[ApiConfig, ...] = attrs.field(
+        default=(), converter=_api_tuple, validator=_unique("name", "path")
+    )
+    source: Path | None = None
+
+
+# --- reading files ----------------------------------------------------------------------
+
+
+class _Reported(Exception):
+    """The problems were already recorded; stop building the enclosing object.
+
+    ``partial`` holds the fields that were valid, for checks across array items.
+    """
+
+    def __init__(self, partial: Mapping[str, object] | None = None) -> None:
+        super().__init__()
+        self.partial = partial or {}
+
+
+def _describe(value: object) -> str:
+    """The TOML name of a value's type, for "expected X, got Y" messages."""
+    if isinstance(value, list) and value:
+        return "an array with " + " and ".join(sorted({_describe(item) for item in value}))
+    for types, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an empty array"),
+        (Mapping, "a table"),
+        ((datetime.date, datetime.time), "a date/time"),
+    ):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
+def _quote(key: str) -> str:
+    """A TOML key as written in a dotted key path (quoted unless it is a bare key)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return key
+    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _join(path: str, key: str) -> str:
+    if not path:
+        return key
+    return path + key if key.startswith("[") else f"{path}.{key}"
+
+
+@attrs.frozen
+class _Key:
+    """How one TOML key is read: the TOML values it accepts and how they become the field's."""
+
+    expect: str
+    accepts: Callable[[object], bool]
+    convert: Callable[[Any, _Reader, str], object] = lambda value, _reader, _path: value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+_STR = _Key("a string", _is_str)
+_INT = _Key("an integer", _is_int)
+_NUMBER = _Key("a number", _is_number, lambda value, _r, _p: float(value))
+_FILE = _Key("a string (file path)", _is_str, lambda value, reader, _p: reader.resolve(value))
+_STRINGS = _Key(
+    "an array of strings",
+    lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),
+    lambda value, _r, _p: tuple(value),
+)
+_LISTEN = _Key("a string 'host:port'", _is_str, lambda value, _r, _p: Listen.parse(value))
+
+
+def _table(cls: type) -> _Key:
+    """A sub-table built into ``cls``."""
+    return _Key(
+        "a table", lambda value: isinstance(value, Mapping), lambda v, r, p: r.build(cls, v, p)
+    )
+
+
+def _tables(cls: type) -> _Key:
+    """An array of tables built into a tuple of ``cls``.
+
+    Items that fail become namespaces of their valid fields, so the field's
+    validator (e.g. ``_unique``) still checks them; the problems already recorded
+    keep the parent from being built out of them.
+    """
+
+    def convert(value: list[object], reader: _Reader, path: str) -> tuple[object, ...]:
+        return tuple(
+            reader.build_or_partial(cls, item, f"{path}[{i}]") for i, item in enumerate(value)
+        )
+
+    return _Key("an array of tables", lambda value: isinstance(value, list), convert)
+
+
+_SPECS: dict[type, Mapping[str, _Key]] = {
+    TLSConfig: {"certificate": _FILE, "private_key": _FILE},
+    GatewayConfig: {
+        "listen": _LISTEN,
+        "max_connections": _INT,
+        "handshake_timeout": _NUMBER,
+        "backend_connect_timeout": _NUMBER,
+        "close_timeout": _NUMBER,
+        "drain_timeout": _NUMBER,
+        "tls": _table(TLSConfig),
+    },
+    ApiConfig: {
+        "name": _STR,
+        "display_name": _STR,
+        "path": _STR,
+        "service_url": _STR,
+        "max_message_size": _INT,
+        "idle_timeout": _NUMBER,
+        "backend_ca_file": _FILE,
+        "products": _STRINGS,
+    },
+    Config: {"gateway": _table(GatewayConfig), "apis": _tables(ApiConfig)},
+}
+
+
+@attrs.define
+class _Reader:
+    """Builds config objects from parsed TOML, recording ``(key path, reason)`` problems."""
+
+    base_dir: Path | None
+    problems: list[tuple[str, str]] = attrs.Factory(list)
+
+    def resolve(self, text: str) -> Path:
+        # Relative to the config file, so the gateway can be started from anywhere.
+        path = Path(text)
+        return self.base_dir / path if self.base_dir is not None else path
+
+    def build_or_partial(self, cls: type, data: object, path: str) -> Any:
+        try:
+            return self.build(cls, data, path)
+        except _Reported as exc:
+            return SimpleNamespace(**exc.partial)
+
+    def build(self, cls: type, data: object, path: str, **extra: object) -> Any:
+        """Build ``cls`` from table ``data`` at key ``path``; raise _Reported on any problem."""
+        if not isinstance(data, Mapping):
+            self.problems.append((path, f"expected a table, got {_describe(data)}"))
+            raise _Reported
+        spec, fields = _SPECS[cls], attrs.fields_dict(cls)
+        before = len(self.problems)
+        kwargs: dict[str, object] = dict(extra)
+        for key, raw in data.items():
+            if key not in spec:
+                close = difflib.get_close_matches(str(key), spec, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.problems.append((_join(path, _quote(str(key))), f"unknown key{hint}"))
+                continue
+            try:
+                kwargs[key] = self._field(fields[key], spec[key], raw, _join(path, key))
+            except _Reported:
+                pass
+            except KeyedValueError as exc:
+                self.problems.extend((_join(path, k), reason) for k, reason in exc.problems)
+            except ValueError as exc:
+                self.problems.append((_join(path, key), str(exc)))
+        for name, field in fields.items():
+            if (
+                field.init
+                and field.default is attrs.NOTHING
+                and name not in data
+                and name not in extra
+            ):
+                self.problems.append((_join(path, name), "missing required key"))
+        if len(self.problems) > before:
+            raise _Reported(kwargs)
+        try:
+            return cls(**kwargs)
+        except KeyedValueError as exc:
+            self.problems.extend((_join(path, k), reason) for k, reason in exc.problems)
+        except ValueError as exc:
+            self.problems.append((path, str(exc)))
+        raise _Reported
+
+    def _field(self, field: attrs.Attribute[Any], key: _Key, raw: object, path: str) -> object:
+        """Type-check, convert and validate one value, as the class's own __init__ would."""
+        if not key.accepts(raw):
+            raise ValueError(f"expected {key.expect}, got {_describe(raw)}")
+        value = key.convert(raw, self, path)
+        if callable(field.converter):
+            value = field.converter(value)
+        if field.validator is not None:
+            field.validator(None, field, value)
+        return value
+
+
+def parse_config(
+    data: Mapping[str, object], *, source: str = "<config>", base_dir: Path | None = None
+) -> Config:
+    """Build a :class:`Config` from an already-parsed document (tomllib, JSON...).
+
+    Relative file paths are resolved against ``base_dir`` (the current directory
+    if None). Every problem is collected and raised as one ConfigError whose lines
+    read ``"SOURCE: KEY: reason"``.
+    """
+    return _parse(data, source, base_dir, None)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file; ConfigError lists every problem in it."""
+    label = os.fspath(path)
+    file = Path(path).absolute()
+    try:
+        data = tomllib.loads(file.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{label}: cannot read config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{label}: not valid UTF-8: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{label}: invalid TOML: {exc}"]) from None
+    return _parse(data, label, file.parent, file)
+
+
+def _parse(data: object, label: str, base_dir: Path | None, source: Path | None) -> Config:
+    reader = _Reader(base_dir)
+    try:
+        config: Config = reader.build(Config, data, "", source=source)
+    except _Reported:
+        raise ConfigError(
+            [
+                f"{label}: {key}: {reason}" if key else f"{label}: {reason}"
+                for key, reason in reader.problems
+            ]
+        ) from None
+    return config
