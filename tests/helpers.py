@@ -202,7 +202,9 @@ class RawBackend:
     ``requests`` records each handshake request the gateway sent.
     """
 
-    def __init__(self, script: Callable[[BackendRequest, trio.SocketStream, bytes], Awaitable[None]]):
+    def __init__(
+        self, script: Callable[[BackendRequest, trio.SocketStream, bytes], Awaitable[None]]
+    ):
         self.script = script
         self.requests: list[BackendRequest] = []
         self.port = 0

@@ -8,7 +8,15 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto.frame_protocol import Opcode
 
-from .helpers import BackendRequest, RawBackend, RawClient, accept_response, read_all, server_frames, start_gateway
+from .helpers import (
+    BackendRequest,
+    RawBackend,
+    RawClient,
+    accept_response,
+    read_all,
+    server_frames,
+    start_gateway,
+)
 
 
 async def test_text_binary_and_empty_messages_echo(nursery: trio.Nursery, echo_url: str) -> None:
@@ -27,7 +35,9 @@ async def test_16_mib_message(nursery: trio.Nursery, echo_url: str) -> None:
         assert await ws.get_message() == big
 
 
-async def _recording_backend(nursery: trio.Nursery, reply: bytes = b"") -> tuple[RawBackend, trio.MemoryReceiveChannel[bytes]]:
+async def _recording_backend(
+    nursery: trio.Nursery, reply: bytes = b""
+) -> tuple[RawBackend, trio.MemoryReceiveChannel[bytes]]:
     """A backend that answers 101, sends ``reply`` raw, then reports every byte it got."""
     send, receive = trio.open_memory_channel[bytes](1)
 

@@ -13,7 +13,16 @@ The embedding API in one screen (docs/embedding.md has a complete program)::
             await gateway.drain()
 """
 
-from .config import ApiConfig, BackendURL, Config, GatewayConfig, Listen, TLSConfig, load_config, parse_config
+from .config import (
+    ApiConfig,
+    BackendURL,
+    Config,
+    GatewayConfig,
+    Listen,
+    TLSConfig,
+    load_config,
+    parse_config,
+)
 from .errors import (
     BackendError,
     ConfigError,

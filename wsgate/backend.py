@@ -102,7 +102,9 @@ async def _upgrade(
             n = await endpoint.recv_into(buf)
             conn.receive_data(bytes(buf[:n]))
         elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-            response_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
+            response_headers = [
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
+            ]
             accept = check_backend_101(response_headers, key=key, upgrade=upgrade)
             return accept, conn.trailing_data[0]
         elif isinstance(event, h11.Response):

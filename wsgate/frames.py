@@ -77,7 +77,7 @@ def _close_code_allowed(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-def _unmask(payload: bytes, key: bytes) -> bytes:
+def _xor_mask(payload: bytes, key: bytes) -> bytes:
     """XOR a short payload with its mask key (only ever used on close payloads)."""
     n = len(payload)
     if not n:
@@ -118,7 +118,7 @@ def build_close_frame(code: int | None, reason: str = "", *, mask: bool) -> byte
     client there) and uses a fresh random mask key; ``mask=False`` is for frames
     sent to a client. ``code=None`` gives an empty payload (no reason allowed).
     The reason is cut, on a UTF-8 character boundary, so the payload fits in
-    125 bytes.
+    125 bytes (characters UTF-8 cannot encode, i.e. lone surrogates, become "?").
 
     Raises :class:`ValueError` for a code that may not go on the wire (such as
     1005 or 1006) or for a reason without a code.
@@ -130,7 +130,8 @@ def build_close_frame(code: int | None, reason: str = "", *, mask: bool) -> byte
     else:
         if not _close_code_allowed(code):
             raise ValueError(f"close code {code} may not be sent on the wire")
-        encoded = reason.encode("utf-8")
+        # A lone surrogate must not make the gateway's own close fail.
+        encoded = reason.encode("utf-8", "replace")
         limit = _MAX_CONTROL_PAYLOAD - 2
         if len(encoded) > limit:
             # The source was valid UTF-8, so "ignore" can only drop the one
@@ -139,7 +140,7 @@ def build_close_frame(code: int | None, reason: str = "", *, mask: bool) -> byte
         payload = code.to_bytes(2, "big") + encoded
     if mask:
         key = os.urandom(4)
-        return bytes((0x88, 0x80 | len(payload))) + key + _unmask(payload, key)
+        return bytes((0x88, 0x80 | len(payload))) + key + _xor_mask(payload, key)
     return bytes((0x88, len(payload))) + payload
 
 
@@ -441,7 +442,7 @@ class FrameScanner:
     ) -> int:
         """Validate a complete close payload; accept through ``end`` or stop at ``start``."""
         if key is not None:
-            payload = _unmask(payload, key)
+            payload = _xor_mask(payload, key)
         try:
             code, reason = parse_close_payload(payload)
         except ProtocolError as exc:

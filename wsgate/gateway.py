@@ -162,11 +162,13 @@ class Gateway:
             draining=self._draining,
         )
 
-    async def run(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Bind, report ``self`` through ``task_status``, serve until drained or cancelled."""
         listen = self.config.gateway.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host, backlog=1024)
-        self._addresses = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]  # type: ignore[misc]
+        self._addresses = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
         try:
             async with trio.open_nursery() as connections:
                 self._connections = connections
@@ -516,5 +518,3 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return fd_limit()
-
-

@@ -81,7 +81,9 @@ class RawSocket:
                 pass
         self.dirty = False
 
-    async def close(self, linger: float, enough: Callable[[memoryview], bool] | None = None) -> None:
+    async def close(
+        self, linger: float, enough: Callable[[memoryview], bool] | None = None
+    ) -> None:
         """Close gracefully: half-close, read the peer's last bytes, close.
 
         Closing with unread bytes queued sends a RST that can destroy the close
@@ -136,7 +138,9 @@ class StreamEndpoint:
         await self.stream.send_all(bytes(data))
         self.dirty = False
 
-    async def close(self, linger: float, enough: Callable[[memoryview], bool] | None = None) -> None:
+    async def close(
+        self, linger: float, enough: Callable[[memoryview], bool] | None = None
+    ) -> None:
         """Close gracefully (TLS close_notify) within ``linger`` seconds, forcefully after."""
         with trio.move_on_after(linger) as scope:
             try:

@@ -21,8 +21,8 @@ import trio
 
 from .closing import ABNORMAL, NO_STATUS, ClosePlan, End, close_plan
 from .errors import MessageTooBig
-from .logs import utc_now
 from .frames import FrameScanner, build_close_frame
+from .logs import utc_now
 from .netio import PEER_GONE, Endpoint
 
 #: One read at most; shared by every pump of the process (see module docstring).
@@ -74,16 +74,12 @@ class Pair:
         self.client = _Side(
             CLIENT,
             client,
-            FrameScanner(
-                from_client=True, max_message_size=max_message_size, allow_rsv=allow_rsv
-            ),
+            FrameScanner(from_client=True, max_message_size=max_message_size, allow_rsv=allow_rsv),
         )
         self.backend = _Side(
             BACKEND,
             backend,
-            FrameScanner(
-                from_client=False, max_message_size=max_message_size, allow_rsv=allow_rsv
-            ),
+            FrameScanner(from_client=False, max_message_size=max_message_size, allow_rsv=allow_rsv),
         )
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
@@ -202,8 +198,9 @@ class Pair:
                 # The peer now has close_timeout to answer in kind.
                 self._scope.deadline = trio.current_time() + self.close_timeout
             else:
-                self.stop(End.CLIENT_CLOSED if self._first_closer is self.client
-                          else End.BACKEND_CLOSED)
+                self.stop(
+                    End.CLIENT_CLOSED if self._first_closer is self.client else End.BACKEND_CLOSED
+                )
         return True
 
     def _source_ended(self, side: _Side) -> None:
@@ -310,4 +307,3 @@ class Pair:
         if end in (End.CLIENT_VANISHED, End.BACKEND_VANISHED):
             return closed_by, ABNORMAL, end.value
         return closed_by, gateway_code or ABNORMAL, self._stop_reason or end.value
-
