@@ -273,3 +273,9 @@ def server_frames() -> FrameProtocol:
 
 
 __all__ = ["CloseReason", "Frame", "FrameProtocol", "Opcode"]
+
+
+async def wait_until(predicate: Callable[[], bool], interval: float = 0.01) -> None:
+    """Poll ``predicate``: for state (pair counts) that publishes no event of its own."""
+    while not predicate():  # noqa: ASYNC110
+        await trio.sleep(interval)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import open_websocket_url
 from wsproto.frame_protocol import Opcode
 
 from .helpers import (
@@ -16,6 +16,7 @@ from .helpers import (
     read_all,
     server_frames,
     start_gateway,
+    wait_until,
 )
 
 
@@ -125,8 +126,7 @@ async def test_backend_dropping_tcp_gives_client_1011(nursery: trio.Nursery) -> 
     assert await client.receive_close() == (1011, "backend connection lost without a close frame")
     await client.aclose()
     with trio.fail_after(5):
-        while gw.stats().active_pairs:
-            await trio.sleep(0.01)
+        await wait_until(lambda: gw.stats().active_pairs == 0)
 
 
 async def test_client_vanishing_gives_backend_1001(nursery: trio.Nursery) -> None:
@@ -144,6 +144,5 @@ async def test_client_vanishing_gives_backend_1001(nursery: trio.Nursery) -> Non
     await client.send_text("half a conversation")
     await client.aclose()
     with trio.fail_after(5):
-        while not got:
-            await trio.sleep(0.01)
+        await wait_until(lambda: bool(got))
     assert got == [1001]
