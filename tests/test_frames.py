@@ -574,6 +574,8 @@ def test_build_close_frame_truncates_on_a_char_boundary() -> None:
     assert parse_close_payload(raw[2:]) == (1001, "a" + "😀" * 30)
     raw = build_close_frame(1000, "x" * 123, mask=False)
     assert raw[1] == 125
+    raw = build_close_frame(1000, "bad \ud800 surrogate", mask=False)
+    assert parse_close_payload(raw[2:]) == (1000, "bad ? surrogate")
 
 
 def test_build_close_frame_masks_with_a_fresh_key() -> None:
