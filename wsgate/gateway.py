@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import time
 import ssl
 import uuid
 from collections.abc import Mapping, Sequence
@@ -47,7 +48,7 @@ from .handshake import (
 )
 from .logs import utc_now
 from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach, is_out_of_fds
-from .policy import HandshakeContext, Policy
+from .policy import HandshakeContext, PairStats, Policy
 from .relay import Pair
 from .routing import Router
 
@@ -85,6 +86,7 @@ class _HandshakeLog:
     last_error_message: str | None = None
     last_error_source: str | None = None
     extra: dict[str, object] = attrs.Factory(dict)
+    pair: Pair | None = None  # not logged: the pair this handshake opened
 
     def emit(self, log: Any) -> None:
         log.info(
@@ -120,6 +122,7 @@ class Gateway:
         self._router = Router(config.apis)
         self._limiter = trio.CapacityLimiter(config.gateway.max_connections)
         self._pairs: dict[str, Pair] = {}
+        self._policy_state: dict[int, Any] = {}  # rate-limit counters etc., by policy
         self._handshaking = 0
         self._draining = False
         self._addresses: list[tuple[str, int]] = []
@@ -362,31 +365,40 @@ class Gateway:
             rest=rest,
             query=request.query,
             headers=backend_headers(request, upgrade, gateway_host=request.header("host")),
+            states=self._policy_state,
         )
-        for policy in self._policies.get(api.name, ()):
+        record.extra = ctx.log_fields  # what policies add (product_id...) is logged
+        try:
+            for policy in self._policies.get(api.name, ()):
+                try:
+                    await policy.on_handshake(ctx)
+                except HandshakeRejected as exc:
+                    exc.source = exc.source or policy.policy_name
+                    raise
+            if self._draining:
+                raise HandshakeRejected(503, "gateway is shutting down", reason="Draining")
+            token = object()
             try:
-                await policy.on_handshake(ctx)
-            except HandshakeRejected as exc:
-                exc.source = exc.source or policy.name
-                raise
-        record.extra.update(ctx.log_fields)
-        record.url = redact_target(request.target)
-        if self._draining:
-            raise HandshakeRejected(503, "gateway is shutting down", reason="Draining")
-        token = object()
-        try:
-            self._limiter.acquire_on_behalf_of_nowait(token)
-        except trio.WouldBlock:
-            raise HandshakeRejected(
-                503,
-                f"gateway is at capacity ({self._limiter.total_tokens} connections)",
-                reason="CapacityExceeded",
-                headers=[("Retry-After", str(RETRY_AFTER))],
-            ) from None
-        try:
-            await self._connect_and_relay(client, ctx, upgrade, trailing, record, log)
+                self._limiter.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:
+                raise HandshakeRejected(
+                    503,
+                    f"gateway is at capacity ({self._limiter.total_tokens} connections)",
+                    reason="CapacityExceeded",
+                    headers=[("Retry-After", str(RETRY_AFTER))],
+                ) from None
+            try:
+                await self._connect_and_relay(client, ctx, upgrade, trailing, record, log)
+            finally:
+                self._limiter.release_on_behalf_of(token)
         finally:
-            self._limiter.release_on_behalf_of(token)
+            # Policies' end-of-connection hooks (slots, quotas) run however it ended.
+            stats = record.pair.stats() if record.pair is not None else PairStats()
+            for cleanup in ctx.cleanups:
+                try:
+                    cleanup(stats)
+                except Exception:
+                    log.exception("policy_cleanup_failed")
 
     async def _connect_and_relay(
         self,
@@ -430,7 +442,13 @@ class Gateway:
             idle_timeout=api.idle_timeout,
             close_timeout=self.config.gateway.close_timeout,
             log=log,
+            deadline=None
+            if ctx.deadline is None
+            else trio.current_time() + (ctx.deadline - time.time()),
+            deadline_reason=ctx.deadline_reason,
+            limiter=ctx.message_limiter,
         )
+        record.pair = pair
         self._pairs[pair.correlation_id] = pair
         try:
             if self._draining:

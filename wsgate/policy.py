@@ -1,21 +1,85 @@
-"""The onHandshake hook: where policies inspect and rewrite a client's handshake.
+"""The onHandshake hook: the contract between the gateway and its policies.
 
-A policy is any object with a ``name`` and an async ``on_handshake(ctx)``. It
-may refuse the handshake by raising :class:`~wsgate.errors.HandshakeRejected`
-(its ``source`` is set to the policy's name for the gateway log), or change
-what goes to the backend by editing the context: ``backend`` (which service),
-``rest`` and ``query`` (the request-target), ``headers`` (end-to-end headers).
-Policies run in order; the first refusal wins.
+A policy is a frozen attrs class registered under its config name::
+
+    @register("check-header")
+    @attrs.frozen(kw_only=True)
+    class CheckHeader:
+        name: str                       # fields = the policy's config keys
+        ignore_case: bool = True
+        ...
+        async def on_handshake(self, ctx: HandshakeContext) -> None: ...
+
+Policies run in pipeline order (global, product, API; see
+:mod:`wsgate.policies`). A policy refuses a handshake by raising
+:class:`~wsgate.errors.HandshakeRejected` (the gateway logs the policy's name
+as ``last_error_source``) or answers it itself by raising
+:class:`PolicyResponse`. It shapes the backend request by editing ``ctx``:
+``backend`` (which service), ``rest`` and ``query`` (the request-target),
+``headers`` (end-to-end headers). For the pair's whole life it may:
+
+* ``ctx.on_close(fn)``: ``fn(stats)`` runs exactly once when the connection
+  ends, whether or not the backend was ever reached (release a concurrency
+  slot, charge relayed bytes to a quota);
+* ``ctx.close_at(when, reason)``: close the pair with 1008 at wall-clock time
+  ``when`` (a JWT's ``exp``);
+* ``ctx.limit_messages(limiter)``: meter the client's frames with a
+  :class:`MessageLimiter` (message-rate-limit).
+
+Policy config is immutable; counters that outlive one handshake (rate limits,
+quotas) live in ``ctx.state(self, factory)``, one object per policy instance
+for the gateway's lifetime.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import parse_qsl
 
 import attrs
 
-from .config import ApiConfig, BackendURL
-from .handshake import ClientRequest, Headers
+from .errors import HandshakeRejected
+
+if TYPE_CHECKING:  # config imports the policy registry; avoid the import cycle
+    from .config import ApiConfig, BackendURL
+    from .handshake import ClientRequest, Headers
+
+T = TypeVar("T")
+
+
+class PolicyResponse(HandshakeRejected):
+    """A policy answers the handshake itself (return-response); not an error."""
+
+    def __init__(
+        self, status: int, *, headers: list[tuple[str, str]] | None = None, body: bytes = b""
+    ) -> None:
+        super().__init__(
+            status, "answered by policy", reason="ReturnResponse", headers=headers, body=body
+        )
+
+
+@attrs.frozen
+class PairStats:
+    """What a finished connection relayed (zeros if it never reached the backend)."""
+
+    messages_from_client: int = 0
+    messages_from_backend: int = 0
+    bytes_from_client: int = 0
+    bytes_from_backend: int = 0
+    duration: float = 0.0
+
+
+class MessageLimiter(Protocol):
+    """Meters the client's traffic on one pair (see message-rate-limit)."""
+
+    def charge(self, messages: int, nbytes: int, now: float) -> float | None:
+        """Account for traffic just relayed at trio time ``now``.
+
+        Returns 0.0 to go on, a positive delay in seconds to wait before reading
+        more (backpressure), or None to close the pair with 1008.
+        """
+        ...
 
 
 @attrs.define
@@ -28,19 +92,99 @@ class HandshakeContext:
     rest: str  # the request path after the API's URL suffix
     query: str  # the client's query string, as forwarded
     headers: Headers  # end-to-end headers forwarded to the backend
+    states: MutableMapping[int, Any] = attrs.Factory(dict)  # the gateway's policy state
+    product: Any = None  # the ProductConfig the handshake runs under, if any
+    subscription: Any = None  # the SubscriptionConfig whose key was presented, if any
+    claims: dict[str, Any] | None = None  # a validated JWT's claims (validate-jwt)
     log_fields: dict[str, object] = attrs.Factory(dict)  # extra keys for the gateway log
+    cleanups: list[Callable[[PairStats], None]] = attrs.Factory(list)
+    deadline: float | None = None  # wall-clock time the pair must close (1008)
+    deadline_reason: str = ""
+    message_limiter: MessageLimiter | None = None
 
     @property
     def backend_target(self) -> str:
         """The request-target the backend will receive."""
         return self.backend.target(self.rest, self.query)
 
+    def on_close(self, fn: Callable[[PairStats], None]) -> None:
+        """Run ``fn(stats)`` once when this connection ends, however it ends."""
+        self.cleanups.append(fn)
+
+    def close_at(self, when: float, reason: str) -> None:
+        """Close the pair with 1008 at wall-clock time ``when`` (earliest call wins)."""
+        if self.deadline is None or when < self.deadline:
+            self.deadline, self.deadline_reason = when, reason
+
+    def limit_messages(self, limiter: MessageLimiter) -> None:
+        """Meter the client's frames on this pair with ``limiter``."""
+        self.message_limiter = limiter
+
+    def state(self, policy: object, factory: Callable[[], T]) -> T:
+        """The gateway-lifetime state object of ``policy``, made by ``factory`` once."""
+        key = id(policy)
+        if key not in self.states:
+            self.states[key] = factory()
+        return self.states[key]  # type: ignore[no-any-return]
+
+    def key(self, spec: str) -> str | None:
+        """Resolve a counter-key spec; None when the request has no such value.
+
+        ``ip`` (caller IP), ``subscription`` (subscription id), ``api``,
+        ``product``, ``header:NAME``, ``query:NAME``, ``claim:NAME`` (from a
+        JWT validated earlier in the pipeline). Never evaluates code.
+        """
+        kind, _, arg = spec.partition(":")
+        if kind == "ip":
+            return self.request.client_ip
+        if kind == "subscription":
+            return getattr(self.subscription, "id", None)
+        if kind == "api":
+            return self.api.name
+        if kind == "product":
+            return getattr(self.product, "id", None)
+        if kind == "header":
+            return self.request.header(arg.lower())
+        if kind == "query":
+            return next((v for k, v in parse_qsl(self.request.query) if k == arg), None)
+        if kind == "claim" and self.claims is not None:
+            value = self.claims.get(arg)
+            return None if value is None else str(value)
+        return None
+
+
+KEY_KINDS = ("ip", "subscription", "api", "product", "header:", "query:", "claim:")
+
+
+def valid_key_spec(spec: str) -> bool:
+    """Whether ``spec`` is a counter-key spec :meth:`HandshakeContext.key` understands."""
+    return spec in KEY_KINDS[:4] or any(
+        spec.startswith(prefix) and len(spec) > len(prefix) for prefix in KEY_KINDS[4:]
+    )
+
 
 class Policy(Protocol):
-    """One step of an API's onHandshake pipeline."""
+    """One step of an onHandshake pipeline (``policy_name`` is set by @register)."""
 
-    name: str
+    policy_name: str
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
         """Inspect ``ctx``; raise HandshakeRejected to refuse, or edit it."""
         ...
+
+
+#: Every policy class by its config name (filled by @register).
+POLICIES: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: make a policy class available in config as ``policy = name``."""
+
+    def add(cls: type[T]) -> type[T]:
+        if name in POLICIES:
+            raise ValueError(f"policy {name!r} registered twice")
+        POLICIES[name] = cls
+        cls.policy_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return add

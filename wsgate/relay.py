@@ -24,6 +24,7 @@ from .errors import MessageTooBig
 from .frames import FrameScanner, build_close_frame
 from .logs import utc_now
 from .netio import PEER_GONE, Endpoint
+from .policy import MessageLimiter, PairStats
 
 #: One read at most; shared by every pump of the process (see module docstring).
 CHUNK = 64 * 1024
@@ -67,6 +68,9 @@ class Pair:
         idle_timeout: float,
         close_timeout: float,
         log: structlog.typing.FilteringBoundLogger,
+        deadline: float | None = None,
+        deadline_reason: str = "",
+        limiter: MessageLimiter | None = None,
     ) -> None:
         self.correlation_id = correlation_id
         self.api = api
@@ -90,6 +94,9 @@ class Pair:
         self._first_closer: _Side | None = None
         self._scope = trio.CancelScope()
         self._log = log
+        self._deadline = deadline  # trio time at which a policy ends the pair (1008)
+        self._deadline_reason = deadline_reason
+        self._limiter = limiter
 
     # -- live statistics -------------------------------------------------------------
     @property
@@ -111,6 +118,16 @@ class Pair:
     def bytes_from_backend(self) -> int:
         """Bytes (frame headers included) read from the backend."""
         return self.backend.bytes_in
+
+    def stats(self) -> PairStats:
+        """What the pair has relayed so far."""
+        return PairStats(
+            messages_from_client=self.messages_from_client,
+            messages_from_backend=self.messages_from_backend,
+            bytes_from_client=self.bytes_from_client,
+            bytes_from_backend=self.bytes_from_backend,
+            duration=time.time() - self.connected_at,
+        )
 
     # -- control -------------------------------------------------------------------
     def stop(self, end: End, reason: str | None = None) -> None:
@@ -134,6 +151,8 @@ class Pair:
                     nursery.start_soon(self._pump, self.backend, self.client, backend_initial)
                     if self.idle_timeout > 0:
                         nursery.start_soon(self._watch_idle)
+                    if self._deadline is not None:
+                        nursery.start_soon(self._watch_deadline)
             if self.end is None:  # the close handshake's deadline passed
                 self.end = End.CLOSE_TIMEOUT
             cut = False
@@ -169,8 +188,25 @@ class Pair:
             self.last_activity = trio.current_time()
             if scanner.close_received:
                 continue  # nothing after a close frame is forwarded
-            if not await self._forward(src, dst, buf[:n]):
+            if src is self.client and self._limiter is not None:
+                before = scanner.messages
+                if not await self._forward(src, dst, buf[:n]):
+                    return
+                if not await self._meter(scanner.messages - before, n):
+                    return
+            elif not await self._forward(src, dst, buf[:n]):
                 return
+
+    async def _meter(self, messages: int, nbytes: int) -> bool:
+        """Charge the client's traffic to its message-rate limiter; False to stop."""
+        assert self._limiter is not None
+        delay = self._limiter.charge(messages, nbytes, trio.current_time())
+        if delay is None:
+            self.stop(End.TERMINATED, "message rate limit exceeded")
+            return False
+        if delay > 0:
+            await trio.sleep(delay)  # not reading is the backpressure
+        return True
 
     async def _forward(self, src: _Side, dst: _Side, data: memoryview) -> bool:
         """Scan and send ``data``; False when this direction must stop."""
@@ -215,6 +251,11 @@ class Pair:
             return
         side.gone = True
         self.stop(End.CLIENT_VANISHED if side is self.client else End.BACKEND_VANISHED)
+
+    async def _watch_deadline(self) -> None:
+        assert self._deadline is not None
+        await trio.sleep_until(self._deadline)
+        self.stop(End.TERMINATED, self._deadline_reason)
 
     async def _watch_idle(self) -> None:
         while True:
