@@ -31,7 +31,7 @@ from .errors import (
     ProtocolError,
     WsgateError,
 )
-from .gateway import Gateway, GatewayStats
+from .gateway import Gateway, GatewayStats, Observer
 from .policy import HandshakeContext, Policy
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "HandshakeRejected",
     "Listen",
     "MessageTooBig",
+    "Observer",
     "Policy",
     "ProtocolError",
     "TLSConfig",

@@ -123,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.file)
     if args.command == "echo-server":
         configure_logging()
-        trio.run(_run_echo, args.listen)
-        return 0
+        return _run(_run_echo, args.listen)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -132,13 +131,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if getattr(args, "listen", None) is not None:
         config = attrs.evolve(config, gateway=attrs.evolve(config.gateway, listen=args.listen))
+    demo = args.command == "demo"
+    if demo:
+        secure = [api.name for api in config.apis if api.backend.secure]
+        if secure:
+            print(
+                f"wsgate: {args.config}: the demo only starts ws:// echo backends; "
+                f"APIs with a wss:// service_url: {', '.join(secure)}",
+                file=sys.stderr,
+            )
+            return 1
     configure_logging(json=not args.pretty)
+    return _run(_serve, config, demo)
+
+
+class StartupError(Exception):
+    """Something the process needed at startup (a port, a certificate) is unavailable."""
+
+
+def _run(fn: Any, *args: Any) -> int:
+    """``trio.run(fn, *args)``; 0 once it returns, 1 (message on stderr) on a StartupError.
+
+    Startup errors raised inside nurseries arrive wrapped in exception groups;
+    anything else is a bug and propagates with its traceback.
+    """
+    failures: list[BaseException] = []
     try:
-        trio.run(_serve, config, args.command == "demo")
-    except OSError as exc:
-        print(f"wsgate: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        trio.run(fn, *args)
+    except* StartupError as group:
+        failures.extend(group.exceptions)
+    for failure in failures:
+        print(f"wsgate: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+async def _start(nursery: trio.Nursery, what: str, fn: Any, *args: Any) -> Any:
+    """``nursery.start(fn, *args)``, turning an OSError (port in use...) into a StartupError."""
+    try:
+        return await nursery.start(fn, *args)
+    except (OSError, ExceptionGroup) as exc:
+        error = exc
+        while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]  # serve_echo's own nursery wraps it
+        if not isinstance(error, OSError):
+            raise
+        raise StartupError(f"cannot start {what}: {error.strerror or error}") from exc
 
 
 def _check(path: Path) -> int:
@@ -147,35 +184,68 @@ def _check(path: Path) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"{path}: OK ({len(config.apis)} APIs, listening on {config.gateway.listen})")
+    count = len(config.apis)
+    print(
+        f"{path}: OK ({count} API{'' if count == 1 else 's'}, listening on {config.gateway.listen})"
+    )
     return 0
 
 
 async def _run_echo(listen: Listen) -> None:
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_echo, listen.host, listen.port)
-        structlog.get_logger("wsgate.echo").info("echo_server_started", port=port)
+    log = structlog.get_logger("wsgate.echo")
+    # Before anything else, so a signal during startup is not fatal but queued.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            port = await _start(
+                nursery, f"the echo server on {listen}", serve_echo, listen.host, listen.port
+            )
+            url = f"ws://{Listen(host=listen.host, port=port)}"
+            log.info("echo_server_started", host=listen.host, port=port, url=url)
+            async for signum in signals:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                return
 
 
 async def _serve(config: Config, demo: bool) -> None:
     log = structlog.get_logger("wsgate")
-    log.info("file_descriptor_limit", limit=raise_fd_limit())
-    async with trio.open_nursery() as nursery:
-        if demo:
-            for api in config.apis:
-                backend = api.backend
-                await nursery.start(serve_echo, backend.host, backend.port)
-                log.info("echo_server_started", url=backend.url)
-        gateway = await nursery.start(Gateway(config).run)
-        if demo:
-            for api in config.apis:
+    # Before anything else, so a signal during startup is not fatal but queued.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        log.info("file_descriptor_limit", limit=raise_fd_limit())
+        async with trio.open_nursery() as nursery:
+            if demo:
+                started: set[tuple[str, int]] = set()
+                for api in config.apis:
+                    backend = api.backend
+                    if (backend.host, backend.port) in started:
+                        continue  # several APIs may share one echo backend
+                    started.add((backend.host, backend.port))
+                    await _start(
+                        nursery,
+                        f"the demo echo backend on {backend.host_header}",
+                        serve_echo,
+                        backend.host,
+                        backend.port,
+                    )
+                    log.info(
+                        "echo_server_started", host=backend.host, port=backend.port, url=backend.url
+                    )
+            try:
+                server = Gateway(config)
+            except OSError as exc:  # ssl.SSLError: the certificate and key do not load
+                raise StartupError(f"cannot load the gateway's TLS certificate: {exc}") from exc
+            gateway: Gateway = await _start(
+                nursery, f"the gateway on {config.gateway.listen}", server.run
+            )
+            if demo:
+                urls = "".join(
+                    f"\n  python -m websockets {gateway.url}/{api.path}" for api in config.apis
+                )
                 print(
-                    f"\nwsgate demo is up. Connect a WebSocket client to {gateway.url}/{api.path}"
-                    f"\n  e.g. python -m websockets {gateway.url}/{api.path}"
+                    f"\nwsgate demo is up. Connect a WebSocket client, e.g.{urls}"
                     "\nPress Ctrl-C to stop.\n",
                     file=sys.stderr,
                 )
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal_received", signal=signal.Signals(signum).name)
                 nursery.start_soon(_second_signal_cuts, signals, nursery.cancel_scope)

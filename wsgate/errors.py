@@ -123,10 +123,14 @@ def map_backend_errors(what: str) -> Iterator[None]:
         yield
     except trio.TooSlowError:
         raise BackendTimeout(f"{what}: backend did not complete the handshake in time") from None
-    except ssl.SSLCertVerificationError as exc:
-        raise BackendUnreachable(f"{what}: TLS verification failed: {exc.verify_message}") from exc
     except (ssl.SSLError, trio.BrokenResourceError) as exc:
+        # trio.SSLStream raises BrokenResourceError *from* the ssl error, so a
+        # failed certificate check arrives here as the cause, not on its own.
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise BackendUnreachable(
+                f"{what}: TLS verification failed: {cause.verify_message}"
+            ) from exc
         raise BackendUnreachable(f"{what}: TLS/connection failed: {cause or exc}") from exc
     except OSError as exc:
         raise BackendUnreachable(f"{what}: {exc.strerror or exc}") from exc

@@ -22,11 +22,11 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import time
 import ssl
+import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import h11
@@ -88,36 +88,57 @@ class _HandshakeLog:
     extra: dict[str, object] = attrs.Factory(dict)
     pair: Pair | None = None  # not logged: the pair this handshake opened
 
-    def emit(self, log: Any) -> None:
-        log.info(
-            "handshake",
-            timestamp=self.timestamp,
-            api_id=self.api_id,
-            operation_id="onHandshake",
-            method=self.method,
-            url=self.url,
-            caller_ip_address=self.caller_ip_address,
-            response_code=self.response_code,
-            backend_response_code=self.backend_response_code,
-            backend_url=self.backend_url,
-            subprotocol=self.subprotocol,
-            total_time=round((trio.current_time() - self.started) * 1000, 3),
-            backend_time=None if self.backend_time is None else round(self.backend_time * 1000, 3),
-            is_request_success=self.response_code == 101,
-            last_error_reason=self.last_error_reason,
-            last_error_message=self.last_error_message,
-            last_error_source=self.last_error_source,
+    def emit(self, log: Any, observers: Sequence[Observer]) -> None:
+        record: dict[str, Any] = {
+            "timestamp": self.timestamp,
+            "api_id": self.api_id,
+            "operation_id": "onHandshake",
+            "method": self.method,
+            "url": self.url,
+            "caller_ip_address": self.caller_ip_address,
+            "response_code": self.response_code,
+            "backend_response_code": self.backend_response_code,
+            "backend_url": self.backend_url,
+            "subprotocol": self.subprotocol,
+            "total_time": round((trio.current_time() - self.started) * 1000, 3),
+            "backend_time": None
+            if self.backend_time is None
+            else round(self.backend_time * 1000, 3),
+            "is_request_success": self.response_code == 101,
+            "last_error_reason": self.last_error_reason,
+            "last_error_message": self.last_error_message,
+            "last_error_source": self.last_error_source,
             **self.extra,
-        )
+        }
+        log.info("handshake", **record)
+        for observer in observers:
+            observer.handshake(record)
+
+
+class Observer(Protocol):
+    """Receives every gateway-log record as it is logged (metrics, tests, audit)."""
+
+    def handshake(self, record: Mapping[str, Any]) -> None:
+        """A handshake ended (``response_code`` 101 or the refusal's status)."""
+        ...
+
+    def disconnect(self, pair: Pair, record: Mapping[str, Any]) -> None:
+        """``pair`` ended; ``record`` is its disconnect log record."""
+        ...
 
 
 class Gateway:
     """A WebSocket API gateway serving ``config``; start it with ``nursery.start(gw.run)``."""
 
     def __init__(
-        self, config: Config, *, policies: Mapping[str, Sequence[Policy]] | None = None
+        self,
+        config: Config,
+        *,
+        policies: Mapping[str, Sequence[Policy]] | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.config = config
+        self._observers = tuple(observers)
         self._policies = dict(policies or {})
         self._router = Router(config.apis)
         self._limiter = trio.CapacityLimiter(config.gateway.max_connections)
@@ -212,6 +233,10 @@ class Gateway:
             self._connections.cancel_scope.cancel()
             await self._stopped.wait()
         self._log.info("drain_finished", open_pairs_at_start=open_pairs)
+
+    def _disconnected(self, pair: Pair, record: dict[str, Any]) -> None:
+        for observer in self._observers:
+            observer.disconnect(pair, record)
 
     # -- accepting -----------------------------------------------------------------
     async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
@@ -332,7 +357,7 @@ class Gateway:
         record.last_error_source = rejection.source
         if isinstance(rejection, BackendRejected):
             record.backend_response_code = rejection.status
-        record.emit(log)
+        record.emit(log, self._observers)
         if client is None:
             return
         with trio.move_on_after(self.config.gateway.close_timeout):
@@ -430,7 +455,7 @@ class Gateway:
             raise
         record.response_code = 101
         record.subprotocol = backend.accept.subprotocol
-        record.emit(log)
+        record.emit(log, self._observers)
         pair = Pair(
             correlation_id=record.correlation_id,
             api=api.name,
@@ -447,6 +472,7 @@ class Gateway:
             else trio.current_time() + (ctx.deadline - time.time()),
             deadline_reason=ctx.deadline_reason,
             limiter=ctx.message_limiter,
+            on_disconnect=self._disconnected if self._observers else None,
         )
         record.pair = pair
         self._pairs[pair.correlation_id] = pair

@@ -144,8 +144,9 @@ def validate_upgrade(request: ClientRequest) -> Upgrade:
 def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
     """Drop hop-by-hop and per-handshake headers; the one place this rule lives.
 
-    Also drops any header the sender named in its Connection header, as RFC 9110
-    requires of every proxy.
+    Every ``Sec-WebSocket-*`` header belongs to one hop's handshake, not only the
+    five RFC 6455 defines. Also drops any header the sender named in its
+    Connection header, as RFC 9110 requires of every proxy.
     """
     headers = list(headers)
     named = {
@@ -159,6 +160,7 @@ def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
         for key, value in headers
         if (low := key.lower()) not in _HOP_BY_HOP
         and low not in _PER_HANDSHAKE
+        and not low.startswith("sec-websocket-")  # any other, e.g. a future one, too
         and low not in named
     ]
 

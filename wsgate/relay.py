@@ -15,6 +15,8 @@ needs: the endpoints copy any unsent tail before waiting.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 import trio
@@ -71,6 +73,7 @@ class Pair:
         deadline: float | None = None,
         deadline_reason: str = "",
         limiter: MessageLimiter | None = None,
+        on_disconnect: Callable[[Pair, dict[str, Any]], None] | None = None,
     ) -> None:
         self.correlation_id = correlation_id
         self.api = api
@@ -97,6 +100,7 @@ class Pair:
         self._deadline = deadline  # trio time at which a policy ends the pair (1008)
         self._deadline_reason = deadline_reason
         self._limiter = limiter
+        self._on_disconnect = on_disconnect
 
     # -- live statistics -------------------------------------------------------------
     @property
@@ -292,19 +296,21 @@ class Pair:
     def _log_disconnect(self, plan: ClosePlan) -> None:
         end = self.end or End.INTERNAL_ERROR
         closed_by, code, reason = self._outcome(end, plan.closed_by, plan.to_client)
-        self._log.info(
-            "disconnect",
-            timestamp=utc_now(),
-            duration=round(time.time() - self.connected_at, 6),
-            closed_by=closed_by,
-            close_code=code,
-            close_reason=reason,
-            end=end.name.lower(),
-            messages_from_client=self.messages_from_client,
-            messages_from_backend=self.messages_from_backend,
-            bytes_from_client=self.bytes_from_client,
-            bytes_from_backend=self.bytes_from_backend,
-        )
+        record: dict[str, Any] = {
+            "timestamp": utc_now(),
+            "duration": round(time.time() - self.connected_at, 6),
+            "closed_by": closed_by,
+            "close_code": code,
+            "close_reason": reason,
+            "end": end.name.lower(),
+            "messages_from_client": self.messages_from_client,
+            "messages_from_backend": self.messages_from_backend,
+            "bytes_from_client": self.bytes_from_client,
+            "bytes_from_backend": self.bytes_from_backend,
+        }
+        self._log.info("disconnect", **record)
+        if self._on_disconnect is not None:
+            self._on_disconnect(self, record)
 
     async def _close_side(self, side: _Side, partner: _Side, code: int | None, why: str) -> None:
         """Give ``side`` a close frame if it is owed one, then close its connection."""
