@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
-import h11
 import structlog
 import trio
 
@@ -38,8 +37,8 @@ from .closing import End
 from .config import ApiConfig, Config
 from .errors import BackendRejected, BackendTimeout, HandshakeRejected
 from .handshake import (
-    MAX_REQUEST_HEAD,
     ClientRequest,
+    RequestParser,
     backend_headers,
     error_response,
     redact_target,
@@ -492,52 +491,16 @@ def _query_of(target: str) -> str:
 async def _read_request(
     client: Endpoint, caller_ip: str, secure: bool
 ) -> tuple[ClientRequest, bytes] | None:
-    """Read one upgrade request (at most MAX_REQUEST_HEAD bytes of head).
-
-    Returns None if the client closed without sending anything; raises
-    HandshakeRejected for a request that is malformed or too large.
-    """
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    """Read one opening request; None if the client left without sending a byte."""
+    parser = RequestParser(client_ip=caller_ip, secure=secure)
     buf = memoryview(bytearray(8192))
-    event: Any = None
-    request: h11.Request | None = None
-    received = 0
-    while not isinstance(event, h11.EndOfMessage):
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            raise HandshakeRejected(
-                status,
-                "request header fields too large" if status == 431 else f"malformed request: {exc}",
-                reason="RequestHeaderTooLarge" if status == 431 else "MalformedRequest",
-            ) from None
-        if event is h11.NEED_DATA:
-            n = await client.recv_into(buf)
-            if n == 0 and received == 0:
-                return None
-            received += n
-            conn.receive_data(bytes(buf[:n]))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            raise HandshakeRejected(400, "a handshake request has no body", reason="BadHandshake")
-        elif isinstance(event, h11.ConnectionClosed):
+    while True:
+        n = await client.recv_into(buf)
+        request = parser.feed(buf[:n])
+        if request is not None:
+            return request, parser.trailing
+        if parser.closed:
             return None
-    assert request is not None
-    target = request.target.decode("ascii", "replace")
-    if not target.startswith("/"):
-        # Absolute-form targets would make the gateway look like a forward proxy.
-        raise HandshakeRejected(400, "request target must be a path", reason="BadHandshake")
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
-    parsed = ClientRequest(
-        method=request.method.decode("ascii"),
-        target=target,
-        headers=headers,
-        client_ip=caller_ip,
-        secure=secure,
-    )
-    return parsed, conn.trailing_data[0]
 
 
 def _reopen_reserve() -> int | None:

@@ -15,6 +15,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qsl, urlencode
 
 import attrs
+import h11
 from wsproto.utilities import generate_accept_token
 
 from .errors import BackendProtocolError, HandshakeRejected
@@ -90,6 +91,76 @@ class ClientRequest:
             for item in value.split(",")
             if item.strip()
         ]
+
+
+class RequestParser:
+    """Sans-io reader of one opening request: feed bytes, get a :class:`ClientRequest`.
+
+    Raises HandshakeRejected for anything that is not a well-formed HTTP/1.1
+    request head of at most MAX_REQUEST_HEAD bytes (431 past it), for a request
+    with a body, and for absolute-form targets (the gateway is not a forward
+    proxy). ``feed(b"")`` means end of stream; ``closed`` is then True when the
+    client left without sending a byte, which deserves no response at all.
+    """
+
+    def __init__(self, *, client_ip: str, secure: bool) -> None:
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self._client_ip = client_ip
+        self._secure = secure
+        self._request: h11.Request | None = None
+        self._received = 0
+        self.closed = False
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes the client sent after its request head (early frames)."""
+        return bytes(self._conn.trailing_data[0])
+
+    def feed(self, data: bytes | bytearray | memoryview) -> ClientRequest | None:
+        """Take the next bytes; return the request once its head is complete."""
+        if not data and not self._received:
+            self.closed = True
+            return None
+        self._received += len(data)
+        self._conn.receive_data(bytes(data))
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                too_large = status == 431
+                raise HandshakeRejected(
+                    status,
+                    "request header fields too large" if too_large else f"malformed request: {exc}",
+                    reason="RequestHeaderTooLarge" if too_large else "MalformedRequest",
+                ) from None
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.Request):
+                self._request = event
+            elif isinstance(event, h11.Data):
+                raise HandshakeRejected(
+                    400, "a handshake request has no body", reason="BadHandshake"
+                )
+            elif isinstance(event, h11.EndOfMessage):
+                return self._finish()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.closed = True
+                return None
+
+    def _finish(self) -> ClientRequest:
+        request = self._request
+        assert request is not None
+        target = request.target.decode("ascii", "replace")
+        if not target.startswith("/"):
+            raise HandshakeRejected(400, "request target must be a path", reason="BadHandshake")
+        return ClientRequest(
+            method=request.method.decode("ascii"),
+            target=target,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers],
+            client_ip=self._client_ip,
+            secure=self._secure,
+        )
 
 
 @attrs.frozen
