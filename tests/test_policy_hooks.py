@@ -12,7 +12,7 @@ import wsgate
 from wsgate.errors import HandshakeRejected
 from wsgate.policy import HandshakeContext, PairStats, PolicyResponse
 
-from .helpers import RawClient, make_config
+from .helpers import RawClient, make_config, wait_until
 
 
 @attrs.define
@@ -95,8 +95,7 @@ async def test_close_at_ends_the_pair_with_1008_and_cleanups_get_stats(
     await client.close(1008)
     await client.aclose()
     with trio.fail_after(5):
-        while not policy.closed:
-            await trio.sleep(0.01)  # noqa: ASYNC110
+        await wait_until(lambda: bool(policy.closed))
     assert policy.closed[0].messages_from_client == 1
     assert policy.closed[0].messages_from_backend == 1
 

@@ -137,6 +137,12 @@ class RequestParser:
             if event is h11.NEED_DATA:
                 return None
             if isinstance(event, h11.Request):
+                # h11 checks max_incomplete_event_size only while the head is still
+                # incomplete: a head that completes within one feed() can exceed it.
+                if self._received - len(self._conn.trailing_data[0]) > MAX_REQUEST_HEAD:
+                    raise HandshakeRejected(
+                        431, "request header fields too large", reason="RequestHeaderTooLarge"
+                    )
                 self._request = event
             elif isinstance(event, h11.Data):
                 raise HandshakeRejected(
@@ -335,18 +341,21 @@ def error_response(rejection: HandshakeRejected) -> bytes:
         phrase = HTTPStatus(rejection.status).phrase
     except ValueError:
         phrase = "Error"
+    extra = [
+        (name, value)
+        for name, value in rejection.headers
+        if name.lower() not in ("content-type", "content-length", "connection")
+        and (rejection.body is None or name.lower() in ("retry-after", "www-authenticate"))
+    ]
+    # RFC 9110 7.8: whoever sends Upgrade (a 426) must list it in Connection too.
+    upgrading = any(name.lower() == "upgrade" for name, _ in extra)
     lines = [
         f"HTTP/1.1 {rejection.status} {phrase}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
-        "Connection: close",
+        "Connection: Upgrade, close" if upgrading else "Connection: close",
+        *(f"{name}: {value}" for name, value in extra),
     ]
-    lines.extend(
-        f"{name}: {value}"
-        for name, value in rejection.headers
-        if name.lower() not in ("content-type", "content-length", "connection")
-        and (rejection.body is None or name.lower() in ("retry-after", "www-authenticate"))
-    )
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
