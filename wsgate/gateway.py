@@ -176,6 +176,37 @@ class Gateway:
         """Open pairs by correlation id (a live, read-only view)."""
         return self._pairs
 
+    def update_config(self, config: Config) -> None:
+        """Serve ``config`` from the next handshake on; open pairs are untouched.
+
+        The listen address and TLS settings are fixed for a running gateway.
+        Lowering max_connections never closes pairs; new handshakes wait for
+        the count to fall under the new limit.
+        """
+        if config.gateway.listen != self.config.gateway.listen or (
+            config.gateway.tls != self.config.gateway.tls
+        ):
+            raise ValueError("listen and tls cannot change while the gateway runs")
+        self._router = Router(config.apis)
+        self._limiter.total_tokens = config.gateway.max_connections
+        self.config = config
+        self._log.info("config_updated", apis=[api.name for api in config.apis])
+
+    def terminate(self, correlation_id: str, reason: str = "terminated by operator") -> bool:
+        """Close one pair with 1008 and ``reason``; False if no such pair is open."""
+        pair = self._pairs.get(correlation_id)
+        if pair is None:
+            return False
+        pair.stop(End.TERMINATED, reason)
+        return True
+
+    def terminate_api(self, api: str, reason: str = "API removed") -> int:
+        """Close every open pair of ``api`` with 1001 "going away"; return how many."""
+        pairs = [pair for pair in self._pairs.values() if pair.api == api]
+        for pair in pairs:
+            pair.stop(End.DRAIN, reason)
+        return len(pairs)
+
     def stats(self) -> GatewayStats:
         """Current counts: open pairs, capacity, handshakes under way, draining."""
         return GatewayStats(
