@@ -18,6 +18,7 @@ from wsgate.config import (
     GatewayConfig,
     KeyedValueError,
     Listen,
+    ProductConfig,
     TLSConfig,
     load_config,
     parse_config,
@@ -92,6 +93,13 @@ def test_full_file(tmp_path: Path) -> None:
         name = "root"
         path = ""
         service_url = "ws://[::1]"
+
+        [[products]]
+        id = "gold"
+
+        [[products]]
+        id = "silver"
+        subscription_required = false
         """,
     )
     config = load_config(path)
@@ -116,6 +124,7 @@ def test_full_file(tmp_path: Path) -> None:
         idle_timeout=1.5,
         backend_ca_file=tmp_path / "certs" / "ca.pem",
         products=("gold", "silver"),
+        subscription_required=True,  # resolved from its products by Config
     )
     assert chat.backend == BackendURL(
         secure=True, host="backend.example", port=8443, path="/ws", query="v=2"
@@ -528,7 +537,11 @@ def test_code_built_config_normalizes() -> None:
     assert api.products == ("p",)
     assert api.display_name == "echo"
     assert api.backend == BackendURL(secure=True, host="h", port=443, path="/", query="")
-    assert Config(apis=[api]).apis == (api,)
+    config = Config(apis=[api], products=[ProductConfig(id="p", subscription_required=False)])
+    assert config.apis == (attrs.evolve(api, subscription_required=False),)
+    assert config.products[0].display_name == "p"
+    with pytest.raises(KeyedValueError, match=r"apis\[0\]\.products\[0\]: unknown product 'p'"):
+        Config(apis=[api])
     with pytest.raises(ValueError, match="not the string 'gold'"):
         ApiConfig(name="echo", path="", service_url="ws://h/", products="gold")
     with pytest.raises(attrs.exceptions.FrozenInstanceError):

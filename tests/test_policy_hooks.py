@@ -80,6 +80,7 @@ async def test_policy_response_answers_without_a_backend(nursery: trio.Nursery) 
     await client.aclose()
     assert client.response is not None
     assert (client.response.status, client.response.body) == (200, b"hello")
+    assert client.response.header("x-hi") == "1"
 
 
 async def test_close_at_ends_the_pair_with_1008_and_cleanups_get_stats(

@@ -16,6 +16,13 @@ Conventions that keep the reader generic:
 
 Adding a table (say ``[admin]``) is: write the attrs class, add its entry to
 ``_SPECS`` and a ``"admin": _table(AdminConfig)`` key to the parent's entry.
+
+Policy tables (``policies = [...]`` at global, product and API scope) are the one
+exception to "a spec per class": their keys are the fields of the policy class
+registered under their ``policy`` name (:data:`wsgate.policy.POLICIES`), so the
+reader checks them against ``attrs.fields`` instead (:meth:`_Reader.build_policy`).
+Rules that span tables (products referenced by APIs and subscription scopes, the
+``subscription_required`` default, unique keys) live in :class:`Config`.
 """
 
 from __future__ import annotations
@@ -27,29 +34,64 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
+import structlog
 
 from wsgate.errors import ConfigError
 
+if TYPE_CHECKING:
+    from wsgate.policy import Policy
+
 __all__ = [
+    "BASE",
+    "UNSUPPORTED_POLICIES",
     "ApiConfig",
     "BackendURL",
+    "BasePlacement",
     "Config",
     "GatewayConfig",
     "KeyedValueError",
     "Listen",
+    "PolicyEntry",
+    "ProductConfig",
+    "SkippedPolicy",
+    "SubscriptionConfig",
     "TLSConfig",
     "load_config",
     "parse_config",
 ]
 
 _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+_T = TypeVar("_T")
+
+#: Policies the seed platform cannot apply to a WebSocket API's onHandshake operation.
+#: At API scope they are config errors; inherited from global or product scope they
+#: are kept as :class:`SkippedPolicy` entries that never run.
+UNSUPPORTED_POLICIES = frozenset(
+    {
+        "mock-response",
+        "cache-lookup",
+        "cache-store",
+        "cross-domain",
+        "cors",
+        "jsonp",
+        "set-method",
+        "set-body",
+        "xml-to-json",
+        "json-to-xml",
+        "xsl-transform",
+        "validate-content",
+        "validate-parameters",
+        "validate-headers",
+        "validate-status-code",
+    }
+)
 
 
 class KeyedValueError(ValueError):
@@ -130,6 +172,69 @@ def _non_empty(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
         raise ValueError("must not be empty")
 
 
+def _product_id(inst: object, attr: attrs.Attribute[Any], value: str) -> None:
+    _api_name(inst, attr, value)
+    if value == "all":
+        raise ValueError("'all' is reserved: a subscription scope of \"all\" means every API")
+
+
+def _scope(inst: object, attr: attrs.Attribute[Any], value: str) -> None:
+    if value != "all":
+        _api_name(inst, attr, value)
+
+
+def _bool(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _optional_bool(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _bool(inst, attr, value)
+
+
+def _one_of(*choices: str) -> _Validator:
+    def check(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+    return check
+
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _header_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"invalid header name {value!r}")
+
+
+def _query_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not value or _has_space_or_control(value) or any(c in value for c in "&=#%+"):
+        raise ValueError(
+            f"invalid query parameter name {value!r}: must be non-empty, without spaces,"
+            " control characters or any of & = # % +"
+        )
+
+
+#: Shortest subscription key accepted; keys are bearer secrets.
+MIN_KEY_LENGTH = 16
+
+
+def _subscription_key(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
+    # Never put the value in a message: it is a secret.
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if len(value) < MIN_KEY_LENGTH:
+        raise ValueError(
+            f"too short: a subscription key needs at least {MIN_KEY_LENGTH} characters"
+        )
+    if not all("!" <= ch <= "~" for ch in value):
+        raise ValueError("must contain only visible ASCII characters (no spaces)")
+
+
 def _strip_slashes(path: str) -> str:
     # Stored bare so routing compares suffixes without caring how the user wrote them.
     return path.strip("/")
@@ -193,6 +298,16 @@ def _unique(*keys: str) -> _Validator:
     return check
 
 
+def _distinct(_inst: object, attr: attrs.Attribute[Any], items: Sequence[object]) -> None:
+    problems = [
+        (f"{attr.name}[{index}]", f"duplicate {item!r}")
+        for index, item in enumerate(items)
+        if item in items[:index]
+    ]
+    if problems:
+        raise KeyedValueError(problems)
+
+
 # Concrete converters: mypy's attrs plugin cannot type a bare ``converter=tuple``.
 def _str_tuple(items: Iterable[str]) -> tuple[str, ...]:
     if isinstance(items, str):
@@ -202,6 +317,96 @@ def _str_tuple(items: Iterable[str]) -> tuple[str, ...]:
 
 def _api_tuple(items: Iterable[ApiConfig]) -> tuple[ApiConfig, ...]:
     return tuple(items)
+
+
+def _product_tuple(items: Iterable[ProductConfig]) -> tuple[ProductConfig, ...]:
+    return tuple(items)
+
+
+def _subscription_tuple(items: Iterable[SubscriptionConfig]) -> tuple[SubscriptionConfig, ...]:
+    return tuple(items)
+
+
+def _policy_tuple(items: Iterable[PolicyEntry]) -> tuple[PolicyEntry, ...]:
+    return tuple(items)
+
+
+# --- policy entries ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class BasePlacement:
+    """``{ policy = "base" }``: the enclosing scope's policies run at this position.
+
+    Like the seed platform's ``<base/>``. Allowed once in a product's or an API's
+    list; without it the enclosing scope's policies run first, and with
+    ``inherit_policies = false`` they do not run at all.
+    """
+
+    policy_name: ClassVar[str] = "base"
+
+
+#: The one placement marker (all instances are equal).
+BASE = BasePlacement()
+
+
+def _unsupported(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in UNSUPPORTED_POLICIES:
+        raise ValueError(f"{value!r} is not one of the policies unsupported at onHandshake")
+
+
+@attrs.frozen
+class SkippedPolicy:
+    """An unsupported policy configured at global or product scope: kept, never run.
+
+    Its other settings are not validated (wsgate has no implementation of it).
+    """
+
+    policy_name: str = attrs.field(validator=_unsupported)
+
+
+#: One item of a ``policies`` list.
+PolicyEntry: TypeAlias = "Policy | BasePlacement | SkippedPolicy"
+
+
+def _unsupported_at_api(name: str) -> str:
+    return (
+        f"policy {name!r} is not supported by the onHandshake operation and cannot be"
+        " applied at API scope (inherited from global or product scope it is skipped)"
+    )
+
+
+def _is_policy(item: object) -> bool:
+    return isinstance(getattr(type(item), "policy_name", None), str) and callable(
+        getattr(item, "on_handshake", None)
+    )
+
+
+def _policy_list(scope: str) -> _Validator:
+    """Items are policies or markers; markers are legal for ``scope``; one base at most."""
+
+    def check(_inst: object, attr: attrs.Attribute[Any], items: Sequence[object]) -> None:
+        problems: list[tuple[str, str]] = []
+        bases = 0
+        for index, item in enumerate(items):
+            key = f"{attr.name}[{index}]"
+            if isinstance(item, BasePlacement):
+                bases += 1
+                if scope == "global":
+                    problems.append(
+                        (key, '{ policy = "base" } is only allowed at product and API scope')
+                    )
+                elif bases > 1:
+                    problems.append((key, '{ policy = "base" } may appear only once per scope'))
+            elif isinstance(item, SkippedPolicy):
+                if scope == "api":
+                    problems.append((key, _unsupported_at_api(item.policy_name)))
+            elif not _is_policy(item):
+                problems.append((key, f"not a policy: a {type(item).__name__}"))
+        if problems:
+            raise KeyedValueError(problems)
+
+    return check
 
 
 # --- configuration classes --------------------------------------------------------------
@@ -255,6 +460,10 @@ class GatewayConfig:
     close_timeout: float = attrs.field(default=5.0, validator=_number(0, inclusive=False))
     drain_timeout: float = attrs.field(default=30.0, validator=_number(0))
     tls: TLSConfig | None = None
+    #: Global-scope onHandshake policies: they run first for every API.
+    policies: tuple[PolicyEntry, ...] = attrs.field(
+        default=(), converter=_policy_tuple, validator=_policy_list("global")
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -343,7 +552,21 @@ class ApiConfig:
     )
     idle_timeout: float = attrs.field(default=0.0, validator=_number(0))
     backend_ca_file: Path | None = attrs.field(default=None, validator=_existing_file)
-    products: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple, validator=_strings)
+    products: tuple[str, ...] = attrs.field(
+        default=(), converter=_str_tuple, validator=[_strings, _distinct]
+    )
+    #: None until a :class:`Config` resolves it: true if any of the API's products
+    #: requires a subscription, else false.
+    subscription_required: bool | None = attrs.field(default=None, validator=_optional_bool)
+    subscription_key_header: str = attrs.field(
+        default="Ocp-Apim-Subscription-Key", validator=_header_name
+    )
+    subscription_key_query: str = attrs.field(default="subscription-key", validator=_query_name)
+    #: API-scope (onHandshake operation) policies.
+    policies: tuple[PolicyEntry, ...] = attrs.field(
+        default=(), converter=_policy_tuple, validator=_policy_list("api")
+    )
+    inherit_policies: bool = attrs.field(default=True, validator=_bool)
     backend: BackendURL = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -356,14 +579,166 @@ class ApiConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ProductConfig:
+    """A product: a bundle of APIs that subscriptions give access to, with its own policies."""
+
+    id: str = attrs.field(validator=_product_id)
+    display_name: str = attrs.field(
+        default=attrs.Factory(lambda self: self.id, takes_self=True), validator=_non_empty
+    )
+    subscription_required: bool = attrs.field(default=True, validator=_bool)
+    #: Product-scope policies, run after the global ones (see :class:`BasePlacement`).
+    policies: tuple[PolicyEntry, ...] = attrs.field(
+        default=(), converter=_policy_tuple, validator=_policy_list("product")
+    )
+    inherit_policies: bool = attrs.field(default=True, validator=_bool)
+
+
+@attrs.frozen(kw_only=True)
+class SubscriptionConfig:
+    """A subscription: a pair of keys giving access to a product, an API or every API.
+
+    ``scope`` is a product id, an API name, or ``"all"``. The keys never appear in
+    ``repr``/``str``; read from the file they may come from environment variables.
+    """
+
+    id: str = attrs.field(validator=_api_name)
+    scope: str = attrs.field(validator=_scope)
+    primary_key: str = attrs.field(repr=False, validator=_subscription_key)
+    secondary_key: str | None = attrs.field(default=None, repr=False, validator=_subscription_key)
+    state: str = attrs.field(default="active", validator=_one_of("active", "suspended"))
+
+    def __attrs_post_init__(self) -> None:
+        if self.secondary_key is not None and self.secondary_key == self.primary_key:
+            raise KeyedValueError([("secondary_key", "must differ from primary_key")])
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The subscription's keys: primary, then secondary if it has one."""
+        return tuple(key for key in (self.primary_key, self.secondary_key) if key is not None)
+
+
+@attrs.frozen(kw_only=True)
 class Config:
-    """A whole gateway configuration; ``source`` is the file it was loaded from, if any."""
+    """A whole gateway configuration; ``source`` is the file it was loaded from, if any.
+
+    Building one checks the references between tables (every product an API or a
+    subscription scope names exists; product ids and API names differ, since both
+    may be a subscription's scope; no key is shared) and resolves each API's
+    ``subscription_required``: an API that leaves it unset requires a subscription
+    exactly when one of its products does (an API in no product: false).
+    """
 
     gateway: GatewayConfig = GatewayConfig()
     apis: tuple[ApiConfig, ...] = attrs.field(
         default=(), converter=_api_tuple, validator=_unique("name", "path")
     )
+    products: tuple[ProductConfig, ...] = attrs.field(
+        default=(), converter=_product_tuple, validator=_unique("id")
+    )
+    subscriptions: tuple[SubscriptionConfig, ...] = attrs.field(
+        default=(), converter=_subscription_tuple, validator=_unique("id")
+    )
     source: Path | None = None
+    _derived: dict[Hashable, Any] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        problems = _reference_problems(self)
+        if problems:
+            raise KeyedValueError(problems)
+        products = {product.id: product for product in self.products}
+        apis = tuple(
+            api
+            if api.subscription_required is not None
+            else attrs.evolve(
+                api,
+                subscription_required=any(
+                    products[pid].subscription_required for pid in api.products
+                ),
+            )
+            for api in self.apis
+        )
+        object.__setattr__(self, "apis", apis)
+
+    def product(self, product_id: str) -> ProductConfig | None:
+        """The product with this id, or None."""
+        return next((p for p in self.products if p.id == product_id), None)
+
+    def derived(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """A value computed once from this (immutable) config and kept with it.
+
+        For caches such as :func:`wsgate.policies.pipeline`; ``key`` names the value.
+        """
+        try:
+            value: _T = self._derived[key]
+        except KeyError:
+            value = self._derived[key] = make()
+        return value
+
+    @property
+    def skipped_policies(self) -> list[dict[str, str]]:
+        """Every unsupported policy kept at global or product scope, with its scope."""
+        scopes: list[tuple[str, tuple[PolicyEntry, ...]]] = [("global", self.gateway.policies)]
+        scopes += [(f"product:{p.id}", p.policies) for p in self.products]
+        return [
+            {"policy": entry.policy_name, "scope": scope}
+            for scope, entries in scopes
+            for entry in entries
+            if isinstance(entry, SkippedPolicy)
+        ]
+
+
+def _reference_problems(config: Config) -> list[tuple[str, str]]:
+    """What is wrong between the tables of ``config`` (keys relative to the document)."""
+    problems: list[tuple[str, str]] = []
+    product_ids = {product.id for product in config.products}
+    api_names = {api.name for api in config.apis}
+    for i, api in enumerate(config.apis):
+        for j, product_id in enumerate(api.products):
+            if product_id not in product_ids:
+                problems.append(
+                    (
+                        f"apis[{i}].products[{j}]",
+                        f"unknown product {product_id!r}{_hint(product_id, product_ids)}",
+                    )
+                )
+    for i, product in enumerate(config.products):
+        if product.id in api_names:
+            problems.append(
+                (
+                    f"products[{i}].id",
+                    f"{product.id!r} is also an API name; product ids and API names must differ"
+                    " (either may be a subscription's scope)",
+                )
+            )
+    seen: dict[str, str] = {}
+    for i, sub in enumerate(config.subscriptions):
+        if sub.scope != "all" and sub.scope not in product_ids | api_names:
+            problems.append(
+                (
+                    f"subscriptions[{i}].scope",
+                    f"unknown product or API {sub.scope!r}"
+                    f"{_hint(sub.scope, product_ids | api_names)}"
+                    ' (expected a product id, an API name or "all")',
+                )
+            )
+        for name in ("primary_key", "secondary_key"):
+            key = getattr(sub, name)
+            where = f"subscriptions[{i}].{name}"
+            if key is None:
+                continue
+            if key in seen:  # never name the key itself: it is a secret
+                problems.append(
+                    (where, f"same key as {seen[key]}; a key must identify one subscription")
+                )
+            else:
+                seen[key] = where
+    return problems
+
+
+def _hint(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --- reading files ----------------------------------------------------------------------
@@ -382,14 +757,14 @@ class _Reported(Exception):
 
 def _describe(value: object) -> str:
     """The TOML name of a value's type, for "expected X, got Y" messages."""
-    if isinstance(value, list) and value:
+    if isinstance(value, list | tuple) and value:
         return "an array with " + " and ".join(sorted({_describe(item) for item in value}))
     for types, name in (
         (bool, "a boolean"),
         (int, "an integer"),
         (float, "a float"),
         (str, "a string"),
-        (list, "an empty array"),
+        ((list, tuple), "an empty array"),
         (Mapping, "a table"),
         ((datetime.date, datetime.time), "a date/time"),
     ):
@@ -442,6 +817,27 @@ _STRINGS = _Key(
     lambda value, _r, _p: tuple(value),
 )
 _LISTEN = _Key("a string 'host:port'", _is_str, lambda value, _r, _p: Listen.parse(value))
+_BOOL = _Key("a boolean", lambda value: isinstance(value, bool))
+
+
+def _secret_value(value: str | Mapping[str, object], _reader: _Reader, _path: str) -> str:
+    """A literal secret, or ``{ env = "NAME" }`` read from the environment now."""
+    if isinstance(value, str):
+        return value
+    name = value.get("env")
+    if set(value) != {"env"} or not isinstance(name, str) or not name:
+        raise ValueError('expected a string or a table { env = "VARIABLE" }')
+    try:
+        return os.environ[name]
+    except KeyError:
+        raise ValueError(f"environment variable {name!r} is not set") from None
+
+
+_SECRET = _Key(
+    'a string or a table { env = "VARIABLE" }',
+    lambda value: isinstance(value, str | Mapping),
+    _secret_value,
+)
 
 
 def _table(cls: type) -> _Key:
@@ -467,6 +863,23 @@ def _tables(cls: type) -> _Key:
     return _Key("an array of tables", lambda value: isinstance(value, list), convert)
 
 
+def _policy_tables(scope: str) -> _Key:
+    """An array of policy tables (see :meth:`_Reader.build_policy`) at ``scope``."""
+
+    def convert(value: list[object], reader: _Reader, path: str) -> tuple[object, ...]:
+        entries, failed = [], False
+        for index, item in enumerate(value):
+            try:
+                entries.append(reader.build_policy(item, f"{path}[{index}]", scope))
+            except _Reported:
+                failed = True
+        if failed:
+            raise _Reported
+        return tuple(entries)
+
+    return _Key("an array of tables", lambda value: isinstance(value, list), convert)
+
+
 _SPECS: dict[type, Mapping[str, _Key]] = {
     TLSConfig: {"certificate": _FILE, "private_key": _FILE},
     GatewayConfig: {
@@ -477,6 +890,7 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "close_timeout": _NUMBER,
         "drain_timeout": _NUMBER,
         "tls": _table(TLSConfig),
+        "policies": _policy_tables("global"),
     },
     ApiConfig: {
         "name": _STR,
@@ -487,9 +901,78 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "idle_timeout": _NUMBER,
         "backend_ca_file": _FILE,
         "products": _STRINGS,
+        "subscription_required": _BOOL,
+        "subscription_key_header": _STR,
+        "subscription_key_query": _STR,
+        "policies": _policy_tables("api"),
+        "inherit_policies": _BOOL,
     },
-    Config: {"gateway": _table(GatewayConfig), "apis": _tables(ApiConfig)},
+    ProductConfig: {
+        "id": _STR,
+        "display_name": _STR,
+        "subscription_required": _BOOL,
+        "policies": _policy_tables("product"),
+        "inherit_policies": _BOOL,
+    },
+    SubscriptionConfig: {
+        "id": _STR,
+        "scope": _STR,
+        "primary_key": _SECRET,
+        "secondary_key": _SECRET,
+        "state": _STR,
+    },
+    Config: {
+        "gateway": _table(GatewayConfig),
+        "apis": _tables(ApiConfig),
+        "products": _tables(ProductConfig),
+        "subscriptions": _tables(SubscriptionConfig),
+    },
 }
+
+
+def _policy_registry() -> Mapping[str, type]:
+    """Every registered policy class by name (imported late: wsgate.policy imports us)."""
+    import wsgate.policies  # noqa: F401  (registers the built-in policies)
+    from wsgate.policy import POLICIES
+
+    return POLICIES
+
+
+def _error_text(exc: Exception) -> str:
+    """A validation error as one line (attrs' own validators put extra args in theirs)."""
+    args = exc.args
+    if (
+        isinstance(exc, TypeError)
+        and len(args) == 4
+        and isinstance(args[1], attrs.Attribute)
+        and isinstance(args[2], type | tuple)
+    ):
+        types = args[2] if isinstance(args[2], tuple) else (args[2],)
+        expected = " or ".join(_describe_type(t) for t in types)
+        return f"expected {expected}, got {_describe(args[3])}"
+    if len(args) > 1 and isinstance(args[0], str):
+        return args[0]
+    return str(exc)
+
+
+def _describe_type(cls: type) -> str:
+    for types, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (tuple, "an array"),
+        (list, "an array"),
+        (dict, "a table"),
+    ):
+        if cls is types:
+            return name
+    return cls.__name__
+
+
+def _from_toml(value: object) -> object:
+    """TOML arrays reach policy classes as tuples (frozen, hashable configs)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @attrs.define
@@ -550,6 +1033,90 @@ class _Reader:
             self.problems.append((path, str(exc)))
         raise _Reported
 
+    def build_policy(self, data: object, path: str, scope: str) -> object:
+        """Build one policy table at ``scope``; raise _Reported on any problem.
+
+        The table's ``policy`` key names the class, its other keys are that class's
+        attrs fields. Each field is converted and validated on its own first, so
+        every bad key is reported with its path; then the class is built, which runs
+        the rules that span fields.
+        """
+        if not isinstance(data, Mapping):
+            self.problems.append((path, f"expected a table, got {_describe(data)}"))
+            raise _Reported
+        name = data.get("policy")
+        if not isinstance(name, str):
+            reason = (
+                "missing required key"
+                if name is None
+                else f"expected a string, got {_describe(name)}"
+            )
+            self.problems.append((_join(path, "policy"), reason))
+            raise _Reported
+        settings = {key: value for key, value in data.items() if key != "policy"}
+        if name == "base":
+            for key in settings:
+                self.problems.append(
+                    (
+                        _join(path, _quote(str(key))),
+                        'unknown key: { policy = "base" } takes no other keys',
+                    )
+                )
+            if settings:
+                raise _Reported
+            return BASE
+        if name in UNSUPPORTED_POLICIES:
+            if scope == "api":
+                self.problems.append((_join(path, "policy"), _unsupported_at_api(name)))
+                raise _Reported
+            return SkippedPolicy(name)
+        registry = _policy_registry()
+        cls = registry.get(name)
+        if cls is None:
+            hint = _hint(name, [*registry, "base"])
+            self.problems.append((_join(path, "policy"), f"unknown policy {name!r}{hint}"))
+            raise _Reported
+        fields = {field.alias or field.name: field for field in attrs.fields(cls) if field.init}
+        before = len(self.problems)
+        kwargs: dict[str, object] = {}
+        for key, raw in settings.items():
+            field = fields.get(key)
+            if field is None:
+                hint = _hint(str(key), fields)
+                self.problems.append((_join(path, _quote(str(key))), f"unknown key{hint}"))
+                continue
+            kwargs[key] = value = _from_toml(raw)
+            try:
+                if callable(field.converter):
+                    value = field.converter(value)
+                if field.validator is not None:
+                    field.validator(None, field, value)
+            except KeyedValueError as exc:
+                self.problems.extend((_join(path, k), reason) for k, reason in exc.problems)
+            except (ValueError, TypeError) as exc:
+                text = _error_text(exc).removeprefix(f"{key}: ")  # the key path names it
+                self.problems.append((_join(path, key), text))
+            except Exception:
+                pass  # the validator needs the instance: building the class below checks it
+        for alias, field in fields.items():
+            if field.default is attrs.NOTHING and alias not in settings:
+                self.problems.append((_join(path, alias), "missing required key"))
+        if len(self.problems) > before:
+            raise _Reported
+        try:
+            return cls(**kwargs)
+        except KeyedValueError as exc:
+            self.problems.extend((_join(path, k), reason) for k, reason in exc.problems)
+        except (ValueError, TypeError) as exc:
+            attr = exc.args[1] if len(exc.args) > 1 else None
+            if isinstance(attr, attrs.Attribute):
+                name = attr.alias or attr.name
+                text = _error_text(exc).removeprefix(f"{name}: ")
+                self.problems.append((_join(path, name), text))
+            else:
+                self.problems.append((path, _error_text(exc)))
+        raise _Reported
+
     def _field(self, field: attrs.Attribute[Any], key: _Key, raw: object, path: str) -> object:
         """Type-check, convert and validate one value, as the class's own __init__ would."""
         if not key.accepts(raw):
@@ -600,4 +1167,12 @@ def _parse(data: object, label: str, base_dir: Path | None, source: Path | None)
                 for key, reason in reader.problems
             ]
         ) from None
+    skipped = config.skipped_policies
+    if skipped:
+        structlog.get_logger("wsgate").warning(
+            "config_policies_skipped",
+            config=label,
+            policies=skipped,
+            detail="not supported by the onHandshake operation; skipped at run time",
+        )
     return config

@@ -47,6 +47,7 @@ from .handshake import (
 )
 from .logs import utc_now
 from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach, is_out_of_fds
+from .policies import check_subscription, pipeline
 from .policy import HandshakeContext, PairStats, Policy
 from .relay import Pair
 from .routing import Router
@@ -413,18 +414,29 @@ class Gateway:
         record.api_id = api.name
         log = log.bind(api_id=api.name)
         upgrade = validate_upgrade(request)
+        record.url = redact_target(request.target, [api.subscription_key_query])
+        config = self.config  # one handshake sees one config, even across a reload
+        access = check_subscription(config, api, request)
         ctx = HandshakeContext(
             request=request,
             api=api,
             backend=api.backend,
             rest=rest,
-            query=request.query,
-            headers=backend_headers(request, upgrade, gateway_host=request.header("host")),
+            query=access.query,
+            headers=[
+                header
+                for header in backend_headers(request, upgrade, gateway_host=request.header("host"))
+                if header[0] not in access.drop_headers
+            ],
             states=self._policy_state,
+            product=access.product,
+            subscription=access.subscription,
         )
+        ctx.log_fields.update(access.log_fields)
         record.extra = ctx.log_fields  # what policies add (product_id...) is logged
+        policies = [*pipeline(config, api, access.product), *self._policies.get(api.name, ())]
         try:
-            for policy in self._policies.get(api.name, ()):
+            for policy in policies:
                 try:
                     await policy.on_handshake(ctx)
                 except HandshakeRejected as exc:

@@ -18,7 +18,7 @@ import attrs
 import h11
 from wsproto.utilities import generate_accept_token
 
-from .errors import BackendProtocolError, HandshakeRejected
+from .errors import BackendProtocolError, BackendRejected, HandshakeRejected
 
 #: Request line plus headers larger than this are refused with 431.
 MAX_REQUEST_HEAD = 16 * 1024
@@ -345,7 +345,11 @@ def error_response(rejection: HandshakeRejected) -> bytes:
         (name, value)
         for name, value in rejection.headers
         if name.lower() not in ("content-type", "content-length", "connection")
-        and (rejection.body is None or name.lower() in ("retry-after", "www-authenticate"))
+        # A refusing backend's own headers (cookies, caching...) stay on its hop.
+        and (
+            not isinstance(rejection, BackendRejected)
+            or name.lower() in ("retry-after", "www-authenticate")
+        )
     ]
     # RFC 9110 7.8: whoever sends Upgrade (a 426) must list it in Connection too.
     upgrading = any(name.lower() == "upgrade" for name, _ in extra)

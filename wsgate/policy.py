@@ -34,7 +34,7 @@ for the gateway's lifetime.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 import attrs
@@ -166,7 +166,7 @@ def valid_key_spec(spec: str) -> bool:
 class Policy(Protocol):
     """One step of an onHandshake pipeline (``policy_name`` is set by @register)."""
 
-    policy_name: str
+    policy_name: ClassVar[str]
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
         """Inspect ``ctx``; raise HandshakeRejected to refuse, or edit it."""

@@ -1,0 +1,511 @@
+"""Rate limits, quotas, concurrency and message-rate limits.
+
+The counting is done by small synchronous classes that take the time ``now``
+explicitly (so tests need no clock), wrapped by the policies:
+
+=====================  =====================  ==========================================
+policy                 counter                semantics
+=====================  =====================  ==========================================
+rate-limit(-by-key)    :class:`SlidingLog`    at most ``calls`` handshakes in any
+                                              ``renewal_period`` (exact sliding window);
+                                              429 + Retry-After
+quota(-by-key)         :class:`FixedWindow`   ``calls`` handshakes and/or ``bandwidth``
+                                              bytes per window; 403 + Retry-After
+limit-concurrency      :class:`Slots`         ``max_count`` open connections; 429
+message-rate-limit     :class:`TokenBucket`   messages/bytes per second on one pair;
+                                              delay the sender or close with 1008
+=====================  =====================  ==========================================
+
+Handshake counters use ``trio.current_time()`` (monotonic): they restart with
+the gateway, and a wall-clock change does not move them.
+
+Memory is bounded. A sliding log keeps at most ``calls`` timestamps per key, a
+window two integers per key, and both keep at most ``max_keys`` keys
+(:data:`MAX_KEYS`): keys whose window has emptied are dropped as soon as they
+reach the front of the least-recently-used order (checked on every access),
+and past ``max_keys`` the least recently used key is forgotten even if still
+counting (it starts afresh). Client-chosen key values longer than
+:data:`MAX_KEY_LENGTH` are kept as their SHA-256. Concurrency slots exist only
+while a connection holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import attrs
+import trio
+
+from ..config import KeyedValueError
+from ..errors import HandshakeRejected
+from ..policy import HandshakeContext, MessageLimiter, PairStats, register, valid_key_spec
+
+__all__ = [
+    "MAX_KEYS",
+    "MAX_KEY_LENGTH",
+    "FixedWindow",
+    "LimitConcurrency",
+    "MessageRateLimit",
+    "Quota",
+    "QuotaByKey",
+    "RateLimit",
+    "RateLimitByKey",
+    "SlidingLog",
+    "Slots",
+    "TokenBucket",
+]
+
+#: Most keys one rate-limit or quota policy remembers at a time.
+MAX_KEYS = 10_000
+#: Longer counter-key values are stored as their SHA-256.
+MAX_KEY_LENGTH = 128
+
+
+# --- counters (pure, sync, explicit time) -----------------------------------------------
+
+
+class SlidingLog:
+    """At most ``calls`` events per key in any window of ``period`` seconds.
+
+    An exact sliding log: each admitted event's time is kept until it is
+    ``period`` old (so at most ``calls`` per key). An event at time ``t``
+    counts while ``now < t + period``.
+    """
+
+    def __init__(self, calls: int, period: float, *, max_keys: int = MAX_KEYS) -> None:
+        self.calls, self.period, self.max_keys = calls, period, max_keys
+        self._logs: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def hit(self, key: str, now: float) -> float:
+        """Count an event for ``key`` if the window has room: 0.0 if admitted,
+        else the seconds until the oldest counted event leaves the window."""
+        self._prune(now)
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = deque()
+            _cap(self._logs, self.max_keys)
+        else:
+            self._logs.move_to_end(key)
+        horizon = now - self.period
+        while log and log[0] <= horizon:
+            log.popleft()
+        if len(log) < self.calls:
+            log.append(now)
+            return 0.0
+        return log[0] + self.period - now
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.period
+        while self._logs:
+            key, log = next(iter(self._logs.items()))
+            if log and log[-1] > horizon:
+                return
+            del self._logs[key]
+
+
+@attrs.define
+class _Usage:
+    start: float
+    calls: int = 0
+    bytes: int = 0
+
+
+class FixedWindow:
+    """Calls and/or bytes per key per fixed window of ``period`` seconds.
+
+    A key's window opens at its first use and lasts ``period``; usage arriving
+    after it ends opens the next one. A limit of None is not enforced.
+    """
+
+    def __init__(
+        self,
+        calls: int | None,
+        nbytes: int | None,
+        period: float,
+        *,
+        max_keys: int = MAX_KEYS,
+    ) -> None:
+        self.calls, self.nbytes, self.period, self.max_keys = calls, nbytes, period, max_keys
+        self._usage: OrderedDict[str, _Usage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._usage)
+
+    def usage(self, key: str, now: float) -> _Usage:
+        """The current window of ``key`` (opened now if it had none)."""
+        self._prune(now)
+        usage = self._usage.get(key)
+        if usage is None or now >= usage.start + self.period:
+            usage = self._usage[key] = _Usage(now)
+            _cap(self._usage, self.max_keys)
+        self._usage.move_to_end(key)
+        return usage
+
+    def call(self, key: str, now: float) -> float:
+        """Count one call: 0.0 if within quota, else seconds until the window renews."""
+        usage = self.usage(key, now)
+        spent = (self.calls is not None and usage.calls >= self.calls) or (
+            self.nbytes is not None and usage.bytes >= self.nbytes
+        )
+        if spent:
+            return usage.start + self.period - now
+        usage.calls += 1
+        return 0.0
+
+    def add_bytes(self, key: str, nbytes: int, now: float) -> None:
+        """Charge ``nbytes`` to the window of ``key`` current at ``now``."""
+        self.usage(key, now).bytes += nbytes
+
+    def _prune(self, now: float) -> None:
+        while self._usage:
+            key, usage = next(iter(self._usage.items()))
+            if now < usage.start + self.period:
+                return
+            del self._usage[key]
+
+
+def _cap(table: OrderedDict[str, Any], max_keys: int) -> None:
+    while len(table) > max_keys:
+        table.popitem(last=False)
+
+
+class Slots:
+    """At most ``max_count`` holders per key; a key exists only while held."""
+
+    def __init__(self, max_count: int) -> None:
+        self.max_count = max_count
+        self._held: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)
+
+    def acquire(self, key: str) -> Callable[[], None] | None:
+        """Take a slot: a release function (idempotent), or None when all are taken."""
+        count = self._held.get(key, 0)
+        if count >= self.max_count:
+            return None
+        self._held[key] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]
+
+        return release
+
+
+@attrs.define
+class _Bucket:
+    rate: float
+    capacity: float
+    tokens: float
+
+
+class TokenBucket:
+    """A :class:`~wsgate.policy.MessageLimiter`: messages and/or bytes per second.
+
+    Each bucket starts full (``burst`` messages, ``burst_bytes`` bytes) and
+    refills at its rate up to its capacity. Traffic is charged after it was
+    relayed and may drive a bucket into debt; while any bucket is in debt,
+    :meth:`charge` returns the seconds until it is paid off (``delay``), or
+    None (``close``).
+    """
+
+    def __init__(
+        self,
+        *,
+        messages_per_second: float | None = None,
+        bytes_per_second: float | None = None,
+        burst: float | None = None,
+        burst_bytes: float | None = None,
+        close_on_exceed: bool = False,
+    ) -> None:
+        self.close_on_exceed = close_on_exceed
+        self._messages: _Bucket | None = None
+        self._bytes: _Bucket | None = None
+        if messages_per_second is not None:
+            size = burst if burst is not None else max(1.0, messages_per_second)
+            self._messages = _Bucket(messages_per_second, size, size)
+        if bytes_per_second is not None:
+            size = burst_bytes if burst_bytes is not None else bytes_per_second
+            self._bytes = _Bucket(bytes_per_second, size, size)
+        self._last: float | None = None
+
+    def charge(self, messages: int, nbytes: int, now: float) -> float | None:
+        elapsed = 0.0 if self._last is None else max(0.0, now - self._last)
+        self._last = now
+        delay = 0.0
+        for bucket, cost in ((self._messages, messages), (self._bytes, nbytes)):
+            if bucket is None:
+                continue
+            bucket.tokens = min(bucket.capacity, bucket.tokens + elapsed * bucket.rate) - cost
+            if bucket.tokens < 0:
+                delay = max(delay, -bucket.tokens / bucket.rate)
+        if delay > 0 and self.close_on_exceed:
+            return None
+        return delay
+
+
+@attrs.frozen
+class _Both:
+    """Two limiters on one pair (say message-rate-limit at global and API scope)."""
+
+    first: MessageLimiter
+    second: MessageLimiter
+
+    def charge(self, messages: int, nbytes: int, now: float) -> float | None:
+        a = self.first.charge(messages, nbytes, now)
+        b = self.second.charge(messages, nbytes, now)
+        return None if a is None or b is None else max(a, b)
+
+
+# --- validators -------------------------------------------------------------------------
+
+
+def _positive_int(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is None and attr.default is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attr.name}: must be an integer >= 1, got {value!r}")
+
+
+def _positive(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is None and attr.default is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{attr.name}: must be a number > 0, got {value!r}")
+
+
+def _key_spec(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not valid_key_spec(value):
+        raise ValueError(
+            f"{attr.name}: invalid key {value!r}; use ip, subscription, api, product, "
+            "header:NAME, query:NAME or claim:NAME"
+        )
+
+
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def _subscription_or_ip(ctx: HandshakeContext) -> str:
+    """rate-limit and quota count per subscription; anonymous callers per IP."""
+    subscription = ctx.key("subscription")
+    return f"subscription:{subscription}" if subscription else f"ip:{ctx.request.client_ip}"
+
+
+def _by_key(ctx: HandshakeContext, spec: str) -> str:
+    """The counter key; requests where it has no value share one counter ("").
+
+    Client-chosen values (a header) can be long: past :data:`MAX_KEY_LENGTH`
+    characters a key is kept as its SHA-256, so each key costs little memory.
+    """
+    key = ctx.key(spec) or ""
+    if len(key) > MAX_KEY_LENGTH:
+        return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return key
+
+
+# --- rate limits ------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class _RateLimitBase:
+    policy_name: ClassVar[str]
+
+    calls: int = attrs.field(validator=_positive_int)
+    renewal_period: float = attrs.field(validator=_positive)
+
+    def _counter_key(self, ctx: HandshakeContext) -> str:
+        raise NotImplementedError
+
+    async def on_handshake(self, ctx: HandshakeContext) -> None:
+        log = ctx.state(self, lambda: SlidingLog(self.calls, self.renewal_period))
+        wait = log.hit(self._counter_key(ctx), trio.current_time())
+        if wait:
+            retry = _retry_after(wait)
+            raise HandshakeRejected(
+                429,
+                f"Rate limit is exceeded. Try again in {retry} seconds.",
+                reason="RateLimitExceeded",
+                headers=[("Retry-After", retry)],
+                source=self.policy_name,
+            )
+
+
+@register("rate-limit")
+@attrs.frozen(kw_only=True)
+class RateLimit(_RateLimitBase):
+    """``calls`` handshakes per ``renewal_period`` seconds per subscription
+    (per caller IP for handshakes without one)."""
+
+    def _counter_key(self, ctx: HandshakeContext) -> str:
+        return _subscription_or_ip(ctx)
+
+
+@register("rate-limit-by-key")
+@attrs.frozen(kw_only=True)
+class RateLimitByKey(_RateLimitBase):
+    """``calls`` handshakes per ``renewal_period`` seconds per ``counter_key``."""
+
+    counter_key: str = attrs.field(validator=_key_spec)
+
+    def _counter_key(self, ctx: HandshakeContext) -> str:
+        return _by_key(ctx, self.counter_key)
+
+
+# --- quotas -----------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class _QuotaBase:
+    policy_name: ClassVar[str]
+
+    calls: int | None = attrs.field(default=None, validator=_positive_int)
+    bandwidth: int | None = attrs.field(default=None, validator=_positive_int)
+    renewal_period: float = attrs.field(validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.calls is None and self.bandwidth is None:
+            raise ValueError("set calls, bandwidth or both")
+
+    def _counter_key(self, ctx: HandshakeContext) -> str:
+        raise NotImplementedError
+
+    async def on_handshake(self, ctx: HandshakeContext) -> None:
+        window = ctx.state(
+            self, lambda: FixedWindow(self.calls, self.bandwidth, self.renewal_period)
+        )
+        key = self._counter_key(ctx)
+        wait = window.call(key, trio.current_time())
+        if wait:
+            retry = _retry_after(wait)
+            raise HandshakeRejected(
+                403,
+                f"Out of quota. Quota will be replenished in {retry} seconds.",
+                reason="QuotaExceeded",
+                headers=[("Retry-After", retry)],
+                source=self.policy_name,
+            )
+        if self.bandwidth is not None:
+
+            def charge(stats: PairStats) -> None:
+                relayed = stats.bytes_from_client + stats.bytes_from_backend
+                window.add_bytes(key, relayed, trio.current_time())
+
+            ctx.on_close(charge)
+
+
+@register("quota")
+@attrs.frozen(kw_only=True)
+class Quota(_QuotaBase):
+    """``calls`` and/or ``bandwidth`` bytes per ``renewal_period`` per subscription
+    (per caller IP for handshakes without one)."""
+
+    def _counter_key(self, ctx: HandshakeContext) -> str:
+        return _subscription_or_ip(ctx)
+
+
+@register("quota-by-key")
+@attrs.frozen(kw_only=True)
+class QuotaByKey(_QuotaBase):
+    """``calls`` and/or ``bandwidth`` bytes per ``renewal_period`` per ``counter_key``."""
+
+    counter_key: str = attrs.field(validator=_key_spec)
+
+    def _counter_key(self, ctx: HandshakeContext) -> str:
+        return _by_key(ctx, self.counter_key)
+
+
+# --- concurrency ------------------------------------------------------------------------
+
+
+@register("limit-concurrency")
+@attrs.frozen(kw_only=True)
+class LimitConcurrency:
+    """At most ``max_count`` open connections per ``counter_key`` (default: per API)."""
+
+    policy_name: ClassVar[str]
+
+    max_count: int = attrs.field(validator=_positive_int)
+    counter_key: str = attrs.field(default="api", validator=_key_spec)
+
+    async def on_handshake(self, ctx: HandshakeContext) -> None:
+        slots = ctx.state(self, lambda: Slots(self.max_count))
+        release = slots.acquire(_by_key(ctx, self.counter_key))
+        if release is None:
+            raise HandshakeRejected(
+                429,
+                f"Too many concurrent connections (at most {self.max_count}).",
+                reason="ConcurrencyLimitExceeded",
+                source=self.policy_name,
+            )
+        ctx.on_close(lambda _stats: release())
+
+
+# --- message rate -----------------------------------------------------------------------
+
+
+def _on_exceed(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value not in ("delay", "close"):
+        raise ValueError(f"{attr.name}: must be 'delay' or 'close', got {value!r}")
+
+
+@register("message-rate-limit")
+@attrs.frozen(kw_only=True)
+class MessageRateLimit:
+    """Meter the client's messages on each pair with a :class:`TokenBucket`."""
+
+    policy_name: ClassVar[str]
+
+    messages_per_second: float | None = attrs.field(default=None, validator=_positive)
+    bytes_per_second: float | None = attrs.field(default=None, validator=_positive)
+    burst: float | None = attrs.field(default=None, validator=_positive)
+    burst_bytes: float | None = attrs.field(default=None, validator=_positive)
+    on_exceed: Literal["delay", "close"] = attrs.field(default="delay", validator=_on_exceed)
+
+    def __attrs_post_init__(self) -> None:
+        if self.messages_per_second is None and self.bytes_per_second is None:
+            raise ValueError("set messages_per_second, bytes_per_second or both")
+        if self.burst is not None and self.messages_per_second is None:
+            raise KeyedValueError([("burst", "a burst of messages needs messages_per_second")])
+        if self.burst_bytes is not None and self.bytes_per_second is None:
+            raise KeyedValueError([("burst_bytes", "needs bytes_per_second")])
+
+    def limiter(self) -> TokenBucket:
+        """A fresh bucket for one connection."""
+        return TokenBucket(
+            messages_per_second=self.messages_per_second,
+            bytes_per_second=self.bytes_per_second,
+            burst=self.burst,
+            burst_bytes=self.burst_bytes,
+            close_on_exceed=self.on_exceed == "close",
+        )
+
+    async def on_handshake(self, ctx: HandshakeContext) -> None:
+        limiter: MessageLimiter = self.limiter()
+        if ctx.message_limiter is not None:
+            limiter = _Both(ctx.message_limiter, limiter)
+        ctx.limit_messages(limiter)
