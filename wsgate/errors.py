@@ -6,6 +6,7 @@ Tree::
     ├── ConfigError            a config file or object is invalid (every problem listed)
     ├── HandshakeRejected      the client's upgrade request is answered with an HTTP error
     │   └── BackendError       the backend could not be used for this handshake
+    │                          (running out of file descriptors on the way is a 503)
     │       ├── BackendUnreachable   connect/TLS failed           -> 502
     │       ├── BackendTimeout       no complete handshake in time -> 504
     │       ├── BackendRejected      the backend answered non-101  -> its status
@@ -20,6 +21,7 @@ unexpected is logged and closes the pair with 1011.
 
 from __future__ import annotations
 
+import errno
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -133,4 +135,22 @@ def map_backend_errors(what: str) -> Iterator[None]:
             ) from exc
         raise BackendUnreachable(f"{what}: TLS/connection failed: {cause or exc}") from exc
     except OSError as exc:
+        if out_of_fds(exc):
+            raise HandshakeRejected(
+                503,
+                "gateway is out of file descriptors",
+                reason="OutOfFileDescriptors",
+                headers=[("Retry-After", "1")],
+            ) from exc
         raise BackendUnreachable(f"{what}: {exc.strerror or exc}") from exc
+
+
+def out_of_fds(exc: BaseException | None) -> bool:
+    """EMFILE/ENFILE anywhere in ``exc``'s causes (trio's happy eyeballs wraps them)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            return any(out_of_fds(inner) for inner in exc.exceptions)
+        exc = exc.__cause__
+    return False

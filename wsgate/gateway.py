@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import socket
 import ssl
 import time
 import uuid
@@ -35,8 +36,9 @@ import trio
 from .backend import open_backend
 from .closing import End
 from .config import ApiConfig, Config
-from .errors import BackendRejected, BackendTimeout, HandshakeRejected
+from .errors import BackendRejected, BackendTimeout, HandshakeRejected, out_of_fds
 from .handshake import (
+    MAX_REQUEST_HEAD,
     ClientRequest,
     RequestParser,
     backend_headers,
@@ -46,7 +48,7 @@ from .handshake import (
     validate_upgrade,
 )
 from .logs import utc_now
-from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach, is_out_of_fds
+from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach
 from .policies import check_subscription, pipeline
 from .policy import HandshakeContext, PairStats, Policy
 from .relay import Pair
@@ -280,7 +282,7 @@ class Gateway:
                 try:
                     sock, address = await listener.accept()
                 except OSError as exc:
-                    if not is_out_of_fds(exc) or reserve is None:
+                    if not out_of_fds(exc) or reserve is None:
                         if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                             continue
                         raise
@@ -309,7 +311,12 @@ class Gateway:
                 headers=[("Retry-After", str(RETRY_AFTER))],
             )
             try:
-                sock.send(error_response(rejection))
+                # Read the request first (briefly): closing with it unread would
+                # reset the connection and could destroy our answer.
+                with trio.move_on_after(0.2):
+                    await sock.recv(MAX_REQUEST_HEAD)
+                await sock.send(error_response(rejection))
+                sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
 

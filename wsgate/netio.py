@@ -13,7 +13,6 @@ Two endpoint kinds share one small interface so the relay has a single pump:
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 from collections.abc import Callable
@@ -174,8 +173,3 @@ def detach(stream: trio.SocketStream) -> socket.socket:
     """Take the stdlib socket out of a Trio SocketStream (which is left closed)."""
     tsock = stream.socket
     return socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
-
-
-def is_out_of_fds(exc: BaseException) -> bool:
-    """Whether ``exc`` means the process or system ran out of file descriptors."""
-    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
