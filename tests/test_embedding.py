@@ -1,0 +1,91 @@
+"""The embedding API: examples/embedded.py runs as shown, and run/drain behave as documented."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+import wsgate
+
+from .helpers import RawClient, make_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "embedded.py"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
+
+
+async def test_example_program_runs_and_echoes(tmp_path: Path) -> None:
+    with trio.fail_after(15):
+        # From another directory: the example must not depend on the working directory.
+        done = await trio.run_process(
+            [sys.executable, str(EXAMPLE)],
+            cwd=tmp_path,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "echo: hello through wsgate" in out
+    assert "active_pairs=1" in out  # stats() while the client was connected
+    assert "draining=True" in out  # stats() after drain()
+    assert '"event": "handshake"' in err  # the program configured structlog itself
+
+
+def test_doc_shows_the_example_program_verbatim() -> None:
+    assert EXAMPLE.read_text() in DOC.read_text()
+
+
+async def test_start_returns_the_gateway_and_drain_sends_1001(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    config = make_config([{"name": "echo", "path": "echo", "service_url": echo_url}])
+    gateway = wsgate.Gateway(config)
+    returned = trio.Event()
+
+    async def run(*, task_status: trio.TaskStatus[wsgate.Gateway]) -> None:
+        await gateway.run(task_status=task_status)
+        returned.set()
+
+    started = await nursery.start(run)
+    assert started is gateway
+    assert gateway.addresses and all(port > 0 for _, port in gateway.addresses)
+    host, port = gateway.addresses[0]
+    assert gateway.url == f"ws://{host}:{port}"
+
+    # A raw client: trio-websocket's client leaks its socket when the server closes first.
+    client = await RawClient.connect(port, "/echo")
+    try:
+        assert client.response is not None and client.response.status == 101
+        await client.send_text("before drain")
+        [echo] = await client.receive_frames(1)
+        assert echo.payload == "before drain"
+        assert gateway.stats().active_pairs == 1
+
+        async with trio.open_nursery() as draining:
+            draining.start_soon(gateway.drain)
+            assert await client.receive_close() == (1001, "gateway shutting down")
+            await client.close(1001)  # answer it, as any client would
+        with trio.fail_after(1):
+            await returned.wait()  # drain() made run() return
+        assert gateway.stats() == wsgate.GatewayStats(
+            active_pairs=0, capacity=200, handshakes_in_progress=0, draining=True
+        )
+    finally:
+        await client.aclose()
+
+    # Nothing listens any more.
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(host, port)
+
+
+async def test_drain_without_pairs_returns_at_once(nursery: trio.Nursery, echo_url: str) -> None:
+    config = make_config(
+        [{"name": "echo", "path": "echo", "service_url": echo_url}], drain_timeout=30
+    )
+    gateway = await nursery.start(wsgate.Gateway(config).run)
+    with trio.fail_after(1):  # far below drain_timeout
+        await gateway.drain()
+    assert gateway.stats().draining
