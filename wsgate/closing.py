@@ -49,6 +49,7 @@ class End(enum.Enum):
     DRAIN = "gateway shutting down"
     TERMINATED = "terminated by the gateway"
     INTERNAL_ERROR = "internal gateway error"
+    ABORTED = "connections cut without close frames (gateway cancelled)"
 
 
 @attrs.frozen
@@ -76,6 +77,7 @@ _PLANS: dict[End, tuple[str, int | None, int | None]] = {
     End.DRAIN: ("gateway", GOING_AWAY, GOING_AWAY),
     End.TERMINATED: ("gateway", POLICY_VIOLATION, POLICY_VIOLATION),
     End.INTERNAL_ERROR: ("gateway", INTERNAL_ERROR, GOING_AWAY),
+    End.ABORTED: ("gateway", None, None),
 }
 
 

@@ -35,7 +35,7 @@ import trio
 
 from .backend import open_backend
 from .closing import End
-from .config import ApiConfig, Config
+from .config import ApiConfig, Config, Listen
 from .errors import BackendRejected, BackendTimeout, HandshakeRejected, out_of_fds
 from .handshake import (
     MAX_REQUEST_HEAD,
@@ -93,6 +93,7 @@ class _HandshakeLog:
     def emit(self, log: Any, observers: Sequence[Observer]) -> None:
         record: dict[str, Any] = {
             "timestamp": self.timestamp,
+            "correlation_id": self.correlation_id,
             "api_id": self.api_id,
             "operation_id": "onHandshake",
             "method": self.method,
@@ -235,7 +236,7 @@ class Gateway:
                             acceptors.start_soon(self._accept_loop, listener.socket)
                         self._log.info(
                             "gateway_started",
-                            addresses=[f"{h}:{p}" for h, p in self._addresses],
+                            addresses=[str(Listen(host=h, port=p)) for h, p in self._addresses],
                             apis=[api.name for api in self.config.apis],
                             max_connections=self.config.gateway.max_connections,
                             tls=self._server_ssl is not None,
@@ -485,7 +486,10 @@ class Gateway:
     ) -> None:
         api: ApiConfig = ctx.api
         target = ctx.backend_target
-        record.backend_url = redact_target(ctx.backend.url.split("?")[0] + _query_of(target))
+        backend_scheme = "wss" if ctx.backend.secure else "ws"
+        record.backend_url = redact_target(
+            f"{backend_scheme}://{ctx.backend.host_header}{target}", [api.subscription_key_query]
+        )
         started = trio.current_time()
         try:
             with trio.fail_after(self.config.gateway.backend_connect_timeout):
@@ -531,11 +535,6 @@ class Gateway:
             await pair.run(trailing, backend.trailing)
         finally:
             del self._pairs[pair.correlation_id]
-
-
-def _query_of(target: str) -> str:
-    _, sep, query = target.partition("?")
-    return sep + query
 
 
 async def _read_request(

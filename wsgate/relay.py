@@ -166,7 +166,7 @@ class Pair:
             cut = False
         finally:
             if cut:
-                self.end = self.end or End.TERMINATED
+                self.end = End.ABORTED
                 self._abort_both()
                 self._log_disconnect(close_plan(self.end, reason=self._stop_reason))
         await self._finish()
@@ -298,6 +298,8 @@ class Pair:
         closed_by, code, reason = self._outcome(end, plan.closed_by, plan.to_client)
         record: dict[str, Any] = {
             "timestamp": utc_now(),
+            "correlation_id": self.correlation_id,
+            "api_id": self.api,
             "duration": round(time.time() - self.connected_at, 6),
             "closed_by": closed_by,
             "close_code": code,
