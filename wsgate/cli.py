@@ -19,11 +19,13 @@ import structlog
 import trio
 
 from . import __version__
+from .admin import reload_on_sighup, serve_admin
 from .config import Config, Listen, load_config
 from .echo import serve_echo
 from .errors import ConfigError
 from .gateway import Gateway, raise_fd_limit
 from .logs import utc_now
+from .metrics import GatewayMetrics
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gateway",
         description="Run the gateway from a config file. Logs go to stdout as JSON lines. "
         "SIGTERM or SIGINT drain gracefully: stop accepting, close every pair with 1001, "
-        "wait up to drain_timeout, exit 0. A second signal cuts the wait short.",
+        "wait up to drain_timeout, exit 0. A second signal cuts the wait short. SIGHUP "
+        "re-reads the config file (an invalid one is logged and ignored). With an [admin] "
+        "table, the management API, /metrics, /health and /ready are served there.",
     )
     serve.add_argument("--config", "-c", required=True, type=Path, help="TOML config file")
     serve.add_argument(
@@ -179,11 +183,19 @@ async def _start(nursery: trio.Nursery, what: str, fn: Any, *args: Any) -> Any:
 
 
 def _check(path: Path) -> int:
+    # Warnings are printed below, in the same "FILE: ..." form as errors, not logged.
+    configure_logging(level=logging.ERROR)
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for skipped in config.skipped_policies:
+        print(
+            f"{path}: warning: policy {skipped['policy']!r} ({skipped['scope']} scope) is not "
+            "supported by the onHandshake operation; it is skipped at run time",
+            file=sys.stderr,
+        )
     count = len(config.apis)
     print(
         f"{path}: OK ({count} API{'' if count == 1 else 's'}, listening on {config.gateway.listen})"
@@ -230,10 +242,20 @@ async def _serve(config: Config, demo: bool) -> None:
                     log.info(
                         "echo_server_started", host=backend.host, port=backend.port, url=backend.url
                     )
+            # Metrics cost nothing on the relay path; they are served by the admin listener.
+            metrics = GatewayMetrics() if config.admin is not None else None
             try:
-                server = Gateway(config)
+                server = Gateway(config, observers=[metrics] if metrics is not None else ())
             except OSError as exc:  # ssl.SSLError: the certificate and key do not load
                 raise StartupError(f"cannot load the gateway's TLS certificate: {exc}") from exc
+            if config.admin is not None:
+                what = f"the admin listener on {config.admin.listen}"
+                try:
+                    # Applies the state file to the config before the gateway accepts.
+                    await _start(nursery, what, serve_admin, server, config.admin, metrics)
+                except ConfigError as exc:
+                    raise StartupError(f"cannot start {what}:\n{exc}") from exc
+            await nursery.start(reload_on_sighup, server, config.admin)
             gateway: Gateway = await _start(
                 nursery, f"the gateway on {config.gateway.listen}", server.run
             )

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import attrs
 import structlog
 
+from wsgate.admin.settings import AdminConfig
 from wsgate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BASE",
     "UNSUPPORTED_POLICIES",
+    "AdminConfig",
     "ApiConfig",
     "BackendURL",
     "BasePlacement",
@@ -639,6 +641,8 @@ class Config:
     subscriptions: tuple[SubscriptionConfig, ...] = attrs.field(
         default=(), converter=_subscription_tuple, validator=_unique("id")
     )
+    #: The admin listener (management API, metrics, health); None: not started.
+    admin: AdminConfig | None = None
     source: Path | None = None
     _derived: dict[Hashable, Any] = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
@@ -882,6 +886,12 @@ def _policy_tables(scope: str) -> _Key:
 
 _SPECS: dict[type, Mapping[str, _Key]] = {
     TLSConfig: {"certificate": _FILE, "private_key": _FILE},
+    AdminConfig: {
+        "listen": _LISTEN,
+        "token": _SECRET,
+        "tls": _table(TLSConfig),
+        "state_file": _FILE,
+    },
     GatewayConfig: {
         "listen": _LISTEN,
         "max_connections": _INT,
@@ -923,6 +933,7 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
     },
     Config: {
         "gateway": _table(GatewayConfig),
+        "admin": _table(AdminConfig),
         "apis": _tables(ApiConfig),
         "products": _tables(ProductConfig),
         "subscriptions": _tables(SubscriptionConfig),

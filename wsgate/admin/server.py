@@ -1,0 +1,99 @@
+"""Run the admin listener (hypercorn's Trio worker) and the SIGHUP reloader."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import hypercorn.config
+import hypercorn.trio
+import structlog
+import trio
+
+from .app import build_app
+from .manager import Invalid, manager_for
+from .settings import AdminConfig
+
+if TYPE_CHECKING:
+    from wsgate.gateway import Gateway
+    from wsgate.metrics import GatewayMetrics
+
+__all__ = ["reload_on_sighup", "serve_admin"]
+
+#: hypercorn logs here (warnings and errors only unless the application configures it).
+HTTP_LOGGER = "wsgate.admin.http"
+
+
+async def serve_admin(
+    gateway: Gateway,
+    admin: AdminConfig,
+    metrics: GatewayMetrics | None = None,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API for ``gateway`` on ``admin.listen`` until cancelled.
+
+    Start it with ``await nursery.start(serve_admin, gateway, admin, metrics)``: it
+    reports the bound ``(host, port)`` (so port 0 works). Before binding it
+    applies ``admin.state_file`` to the gateway's configuration (ConfigError if
+    that file does not fit the config). ``metrics``, if given, is served at
+    ``/metrics`` and attached to ``gateway``.
+    """
+    log = structlog.get_logger("wsgate.admin")
+    manager = manager_for(gateway, admin.state_file)
+    if metrics is not None and metrics.gateway is None:
+        metrics.attach(gateway)
+    app = build_app(gateway, manager, token=admin.token, metrics=metrics)
+    config = hypercorn.config.Config()
+    config.bind = [str(admin.listen)]
+    config.accesslog = None
+    config.errorlog = logging.getLogger(HTTP_LOGGER)
+    config.include_server_header = False
+    config.graceful_timeout = 1.0
+    if admin.tls is not None:
+        config.certfile = str(admin.tls.certificate)
+        config.keyfile = str(admin.tls.private_key)
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(hypercorn.trio.serve, app, config)
+        host, port = _address(binds[0])
+        log.info(
+            "admin_started",
+            url=binds[0],
+            management_api=admin.token is not None,
+            state_file=None if admin.state_file is None else str(admin.state_file),
+        )
+        task_status.started((host, port))
+
+
+def _address(bind: str) -> tuple[str, int]:
+    """``("127.0.0.1", 8081)`` from hypercorn's ``"http://127.0.0.1:8081"``."""
+    parts = urlsplit(bind)
+    if parts.hostname is None or parts.port is None:
+        raise RuntimeError(f"unexpected bind address from hypercorn: {bind!r}")
+    return parts.hostname, parts.port
+
+
+async def reload_on_sighup(
+    gateway: Gateway,
+    admin: AdminConfig | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Re-read the config file on every SIGHUP, like ``POST /reload``, until cancelled.
+
+    Shares the admin API's changes (``admin.state_file``), so they are laid over
+    the file again. An invalid file leaves the running configuration as it is;
+    the problems are logged (``config_reload_failed``).
+    """
+    log = structlog.get_logger("wsgate.admin")
+    manager = manager_for(gateway, None if admin is None else admin.state_file)
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            log.info("signal_received", signal="SIGHUP")
+            try:
+                await manager.reload()
+            except Invalid:
+                pass  # logged by reload(), with every problem
