@@ -7,6 +7,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+import wsgate
+
 from .helpers import RawClient, make_config, start_gateway
 
 
@@ -64,3 +66,34 @@ async def test_terminate_api_closes_its_pairs_with_1001(
     for client in clients:
         assert await client.receive_close() == (1001, "API removed")
         await client.aclose()
+
+
+async def test_policy_state_follows_policy_objects_across_updates(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    def config_with_limit() -> wsgate.Config:
+        policy = {
+            "policy": "rate-limit-by-key",
+            "calls": 1,
+            "renewal_period": 60,
+            "counter_key": "ip",
+        }
+        return make_config(
+            [{"name": "echo", "path": "echo", "service_url": echo_url, "policies": [policy]}]
+        )
+
+    async def status() -> int:
+        client = await RawClient.connect(gw.addresses[0][1])
+        await client.aclose()
+        assert client.response is not None
+        return client.response.status
+
+    first = config_with_limit()
+    gw: wsgate.Gateway = await nursery.start(wsgate.Gateway(first).run)
+    assert [await status(), await status()] == [101, 429]
+    gw.update_config(first)  # the same policy objects keep their counters
+    assert await status() == 429
+    second = attrs.evolve(config_with_limit(), gateway=first.gateway)
+    gw.update_config(second)  # a new policy starts afresh; the old state is dropped
+    assert await status() == 101
+    assert len(gw._policy_state) == 1

@@ -251,7 +251,7 @@ async def test_long_key_values_are_hashed(autojump_clock: Any) -> None:
     await policy.on_handshake(make_ctx(states, headers=[("X-Tenant", long_value)]))
     await refused(policy, make_ctx(states, headers=[("X-Tenant", long_value)]))
     await policy.on_handshake(make_ctx(states, headers=[("X-Tenant", long_value + "u")]))
-    [log] = states.values()
+    [(_, log)] = states.values()
     assert all(len(key) <= 128 for key in log._logs)
 
 
@@ -329,7 +329,7 @@ async def test_limit_concurrency_holds_a_slot_until_close() -> None:
     await policy.on_handshake(third)
     close(second)
     close(third)
-    assert len(next(iter(states.values()))) == 1  # only feed's slot is still held
+    assert len(next(iter(states.values()))[1]) == 1  # only feed's slot is still held
 
 
 async def test_limit_concurrency_by_claim() -> None:

@@ -49,7 +49,7 @@ from .handshake import (
 )
 from .logs import utc_now
 from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach
-from .policies import check_subscription, pipeline
+from .policies import all_policies, check_subscription, pipeline
 from .policy import HandshakeContext, PairStats, Policy
 from .relay import Pair
 from .routing import Router
@@ -146,7 +146,9 @@ class Gateway:
         self._router = Router(config.apis)
         self._limiter = trio.CapacityLimiter(config.gateway.max_connections)
         self._pairs: dict[str, Pair] = {}
-        self._policy_state: dict[int, Any] = {}  # rate-limit counters etc., by policy
+        self._policy_state: dict[
+            int, tuple[object, Any]
+        ] = {}  # rate-limit counters etc., by policy
         self._handshaking = 0
         self._draining = False
         self._addresses: list[tuple[str, int]] = []
@@ -194,6 +196,12 @@ class Gateway:
         self._router = Router(config.apis)
         self._limiter.total_tokens = config.gateway.max_connections
         self.config = config
+        # Counters of policies that left the config go; unchanged policy objects
+        # (the management API keeps them) keep theirs.
+        live = {id(policy) for policy in all_policies(config)}
+        live.update(id(policy) for policies in self._policies.values() for policy in policies)
+        for key in [key for key in self._policy_state if key not in live]:
+            del self._policy_state[key]
         self._log.info("config_updated", apis=[api.name for api in config.apis])
 
     def terminate(self, correlation_id: str, reason: str = "terminated by operator") -> bool:

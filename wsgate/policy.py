@@ -92,7 +92,7 @@ class HandshakeContext:
     rest: str  # the request path after the API's URL suffix
     query: str  # the client's query string, as forwarded
     headers: Headers  # end-to-end headers forwarded to the backend
-    states: MutableMapping[int, Any] = attrs.Factory(dict)  # the gateway's policy state
+    states: MutableMapping[int, tuple[object, Any]] = attrs.Factory(dict)  # gateway-lifetime
     product: Any = None  # the ProductConfig the handshake runs under, if any
     subscription: Any = None  # the SubscriptionConfig whose key was presented, if any
     claims: dict[str, Any] | None = None  # a validated JWT's claims (validate-jwt)
@@ -121,11 +121,17 @@ class HandshakeContext:
         self.message_limiter = limiter
 
     def state(self, policy: object, factory: Callable[[], T]) -> T:
-        """The gateway-lifetime state object of ``policy``, made by ``factory`` once."""
-        key = id(policy)
-        if key not in self.states:
-            self.states[key] = factory()
-        return self.states[key]  # type: ignore[no-any-return]
+        """The gateway-lifetime state object of ``policy``, made by ``factory`` once.
+
+        The entry holds the policy itself, so its id cannot be reused by another
+        object while the state lives; the gateway prunes entries whose policy
+        left the configuration.
+        """
+        entry = self.states.get(id(policy))
+        if entry is None or entry[0] is not policy:
+            entry = self.states[id(policy)] = (policy, factory())
+        state: T = entry[1]
+        return state
 
     def key(self, spec: str) -> str | None:
         """Resolve a counter-key spec; None when the request has no such value.

@@ -36,7 +36,7 @@ from wsgate.policy import Policy
 
 from . import basic, jwt, limits
 
-__all__ = ["Access", "basic", "check_subscription", "jwt", "limits", "pipeline"]
+__all__ = ["Access", "all_policies", "basic", "check_subscription", "jwt", "limits", "pipeline"]
 
 MISSING_KEY = (
     "Access denied due to missing subscription key. Make sure to include subscription key"
@@ -199,3 +199,16 @@ def _nest(outer: list[PolicyEntry], own: Sequence[PolicyEntry], inherit: bool) -
     for entry in own:
         result.extend(outer if isinstance(entry, BasePlacement) else [entry])
     return result
+
+
+def all_policies(config: Config) -> list[Policy]:
+    """Every policy object of ``config``, at every scope (skipped ones excluded)."""
+    scopes = [config.gateway.policies]
+    scopes += [product.policies for product in config.products]
+    scopes += [api.policies for api in config.apis]
+    return [
+        entry
+        for entries in scopes
+        for entry in entries
+        if not isinstance(entry, BasePlacement | SkippedPolicy)
+    ]
