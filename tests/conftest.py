@@ -12,6 +12,8 @@ import trio
 
 from wsgate.echo import serve_echo
 
+from . import helpers
+
 #: Seconds an async test may take unless marked ``@pytest.mark.deadline(N)``.
 DEFAULT_DEADLINE = 30.0
 
@@ -34,6 +36,13 @@ def pytest_runtest_call(item: pytest.Function) -> Iterator[None]:
 
         item.obj = guarded
     yield
+
+
+@pytest.fixture(params=["tasks", "reactor"])
+def relay_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per relay engine (tests use it via ``pytestmark``)."""
+    monkeypatch.setattr(helpers, "RELAY_ENGINE", request.param)
+    return str(request.param)
 
 
 @pytest.fixture

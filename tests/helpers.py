@@ -24,9 +24,14 @@ from wsgate.config import parse_config
 Headers = list[tuple[str, str]]
 
 
+#: The relay engine gateways built here use; the ``relay_engine`` fixture switches it.
+RELAY_ENGINE = "tasks"
+
+
 def make_config(apis: list[dict[str, Any]], **gateway: Any) -> wsgate.Config:
     """A config listening on 127.0.0.1:0 with ``apis`` and gateway overrides."""
-    return parse_config({"gateway": {"listen": "127.0.0.1:0", **gateway}, "apis": apis})
+    defaults = {"listen": "127.0.0.1:0", "relay_engine": RELAY_ENGINE}
+    return parse_config({"gateway": {**defaults, **gateway}, "apis": apis})
 
 
 async def start_gateway(

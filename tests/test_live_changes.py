@@ -11,6 +11,8 @@ import wsgate
 
 from .helpers import RawClient, make_config, start_gateway
 
+pytestmark = pytest.mark.usefixtures("relay_engine")
+
 
 async def test_update_config_applies_to_next_handshake_only(
     nursery: trio.Nursery, echo_url: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import attrs
+import pytest
 import trio
 from structlog.testing import capture_logs
 
@@ -35,6 +36,9 @@ class Scripted:
             ctx.limit_messages(self.limiter)  # type: ignore[arg-type]
         if self.reject is not None:
             raise self.reject
+
+
+pytestmark = pytest.mark.usefixtures("relay_engine")
 
 
 class CloseAfter:

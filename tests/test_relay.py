@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 from trio_websocket import open_websocket_url
 from wsproto.frame_protocol import Opcode
@@ -18,6 +19,8 @@ from .helpers import (
     start_gateway,
     wait_until,
 )
+
+pytestmark = pytest.mark.usefixtures("relay_engine")
 
 
 async def test_text_binary_and_empty_messages_echo(nursery: trio.Nursery, echo_url: str) -> None:
@@ -146,3 +149,43 @@ async def test_client_vanishing_gives_backend_1001(nursery: trio.Nursery) -> Non
     with trio.fail_after(5):
         await wait_until(lambda: bool(got))
     assert got == [1001]
+
+
+async def test_the_configured_engine_pumps_the_pair(
+    nursery: trio.Nursery, echo_url: str, relay_engine: str
+) -> None:
+    gw = await start_gateway(nursery, echo_url)
+    async with open_websocket_url(f"{gw.url}/echo") as ws:
+        (pair,) = gw.pairs.values()
+        assert (pair._reactor is not None) == (relay_engine == "reactor")
+        await ws.send_message("x")
+        assert await ws.get_message() == "x"
+
+
+class Exploding:
+    """A frame scanner stand-in whose feed() fails: an injected bug in one pair."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+
+    def feed(self, data: object) -> int:
+        raise RuntimeError("injected fault")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+async def test_a_failing_pair_fails_alone(
+    nursery: trio.Nursery, echo_url: str, relay_engine: str
+) -> None:
+    gw = await start_gateway(nursery, echo_url)
+    async with open_websocket_url(f"{gw.url}/echo") as bystander:
+        victim = await RawClient.connect(gw.addresses[0][1])
+        (pair,) = [p for p in gw.pairs.values() if p.messages_from_client == 0][-1:]
+
+        pair.client.scanner = Exploding(pair.client.scanner)  # type: ignore[assignment]
+        await victim.send_text("boom")
+        assert (await victim.receive_close())[0] == 1011
+        await victim.aclose()
+        await bystander.send_message("fine")
+        assert await bystander.get_message() == "fine"

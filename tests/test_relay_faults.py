@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 from trio_websocket import open_websocket_url
 from wsproto.frame_protocol import FrameProtocol, Opcode
@@ -15,6 +16,8 @@ from .helpers import (
     server_frames,
     start_gateway,
 )
+
+pytestmark = pytest.mark.usefixtures("relay_engine")
 
 
 class CloseRecorder:

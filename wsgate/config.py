@@ -462,6 +462,9 @@ class GatewayConfig:
     close_timeout: float = attrs.field(default=5.0, validator=_number(0, inclusive=False))
     drain_timeout: float = attrs.field(default=30.0, validator=_number(0))
     tls: TLSConfig | None = None
+    #: "tasks" (two relay tasks per pair) or "reactor" (one epoll pump per process,
+    #: Linux; see docs/performance.md).
+    relay_engine: str = attrs.field(default="tasks", validator=_one_of("tasks", "reactor"))
     #: Global-scope onHandshake policies: they run first for every API.
     policies: tuple[PolicyEntry, ...] = attrs.field(
         default=(), converter=_policy_tuple, validator=_policy_list("global")
@@ -900,6 +903,7 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "close_timeout": _NUMBER,
         "drain_timeout": _NUMBER,
         "tls": _table(TLSConfig),
+        "relay_engine": _STR,
         "policies": _policy_tables("global"),
     },
     ApiConfig: {

@@ -51,6 +51,7 @@ from .logs import utc_now
 from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach
 from .policies import all_policies, check_subscription, pipeline
 from .policy import HandshakeContext, PairStats, Policy
+from .reactor import Reactor
 from .relay import Pair
 from .routing import Router
 
@@ -155,6 +156,7 @@ class Gateway:
         self._accepting = trio.CancelScope()
         self._connections: trio.Nursery | None = None
         self._stopped = trio.Event()
+        self._reactor = Reactor() if config.gateway.relay_engine == "reactor" else None
         self._log = structlog.get_logger("wsgate")
         self._server_ssl: ssl.SSLContext | None = None
         if config.gateway.tls:
@@ -189,10 +191,13 @@ class Gateway:
         Lowering max_connections never closes pairs; new handshakes wait for
         the count to fall under the new limit.
         """
-        if config.gateway.listen != self.config.gateway.listen or (
-            config.gateway.tls != self.config.gateway.tls
+        old = self.config.gateway
+        if (config.gateway.listen, config.gateway.tls, config.gateway.relay_engine) != (
+            old.listen,
+            old.tls,
+            old.relay_engine,
         ):
-            raise ValueError("listen and tls cannot change while the gateway runs")
+            raise ValueError("listen, tls and relay_engine cannot change while the gateway runs")
         self._router = Router(config.apis)
         self._limiter.total_tokens = config.gateway.max_connections
         self.config = config
@@ -236,20 +241,26 @@ class Gateway:
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host, backlog=1024)
         self._addresses = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
         try:
-            async with trio.open_nursery() as connections:
-                self._connections = connections
-                with self._accepting:
-                    async with trio.open_nursery() as acceptors:
-                        for listener in listeners:
-                            acceptors.start_soon(self._accept_loop, listener.socket)
-                        self._log.info(
-                            "gateway_started",
-                            addresses=[str(Listen(host=h, port=p)) for h, p in self._addresses],
-                            apis=[api.name for api in self.config.apis],
-                            max_connections=self.config.gateway.max_connections,
-                            tls=self._server_ssl is not None,
-                        )
-                        task_status.started(self)
+            async with trio.open_nursery() as engine:
+                if self._reactor is not None:
+                    await engine.start(self._reactor.run)
+                async with trio.open_nursery() as connections:
+                    self._connections = connections
+                    with self._accepting:
+                        async with trio.open_nursery() as acceptors:
+                            for listener in listeners:
+                                acceptors.start_soon(self._accept_loop, listener.socket)
+                            self._log.info(
+                                "gateway_started",
+                                addresses=[str(Listen(host=h, port=p)) for h, p in self._addresses],
+                                apis=[api.name for api in self.config.apis],
+                                max_connections=self.config.gateway.max_connections,
+                                relay_engine=self.config.gateway.relay_engine,
+                                tls=self._server_ssl is not None,
+                            )
+                            task_status.started(self)
+                # Every pair has ended: the pump has nothing left to serve.
+                engine.cancel_scope.cancel()
         finally:
             for listener in listeners:
                 listener.socket.close()
@@ -534,6 +545,7 @@ class Gateway:
             deadline_reason=ctx.deadline_reason,
             limiter=ctx.message_limiter,
             on_disconnect=self._disconnected if self._observers else None,
+            reactor=self._reactor,
         )
         record.pair = pair
         self._pairs[pair.correlation_id] = pair

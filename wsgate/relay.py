@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -27,6 +27,9 @@ from .frames import FrameScanner, build_close_frame
 from .logs import utc_now
 from .netio import PEER_GONE, Endpoint
 from .policy import MessageLimiter, PairStats
+
+if TYPE_CHECKING:
+    from .reactor import Reactor
 
 #: One read at most; shared by every pump of the process (see module docstring).
 CHUNK = 64 * 1024
@@ -74,6 +77,7 @@ class Pair:
         deadline_reason: str = "",
         limiter: MessageLimiter | None = None,
         on_disconnect: Callable[[Pair, dict[str, Any]], None] | None = None,
+        reactor: Reactor | None = None,
     ) -> None:
         self.correlation_id = correlation_id
         self.api = api
@@ -99,7 +103,8 @@ class Pair:
         self._log = log
         self._deadline = deadline  # trio time at which a policy ends the pair (1008)
         self._deadline_reason = deadline_reason
-        self._limiter = limiter
+        self.limiter = limiter
+        self._reactor = reactor if reactor is not None and reactor.accepts(self) else None
         self._on_disconnect = on_disconnect
 
     # -- live statistics -------------------------------------------------------------
@@ -122,6 +127,10 @@ class Pair:
     def bytes_from_backend(self) -> int:
         """Bytes (frame headers included) read from the backend."""
         return self.backend.bytes_in
+
+    def fail(self) -> None:
+        """End the pair for an unexpected error in its pump (1011 to the client)."""
+        self.stop(End.INTERNAL_ERROR)
 
     def stats(self) -> PairStats:
         """What the pair has relayed so far."""
@@ -151,8 +160,13 @@ class Pair:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, self.client, self.backend, client_initial)
-                    nursery.start_soon(self._pump, self.backend, self.client, backend_initial)
+                    if self._reactor is not None:
+                        # The reactor pumps; this task only owns the pair until it ends.
+                        self._reactor.add(self, client_initial, backend_initial)
+                        nursery.start_soon(trio.sleep_forever)
+                    else:
+                        nursery.start_soon(self._pump, self.client, self.backend, client_initial)
+                        nursery.start_soon(self._pump, self.backend, self.client, backend_initial)
                     if self.idle_timeout > 0:
                         nursery.start_soon(self._watch_idle)
                     if self._deadline is not None:
@@ -165,6 +179,8 @@ class Pair:
             self.end = End.INTERNAL_ERROR
             cut = False
         finally:
+            if self._reactor is not None:
+                self._reactor.remove(self)
             if cut:
                 self.end = End.ABORTED
                 self._abort_both()
@@ -186,13 +202,13 @@ class Pair:
             except PEER_GONE:
                 n = 0
             if n == 0:
-                self._source_ended(src)
+                self.source_ended(src)
                 return
             src.bytes_in += n
             self.last_activity = trio.current_time()
             if scanner.close_received:
                 continue  # nothing after a close frame is forwarded
-            if src is self.client and self._limiter is not None:
+            if src is self.client and self.limiter is not None:
                 before = scanner.messages
                 if not await self._forward(src, dst, buf[:n]):
                     return
@@ -203,8 +219,8 @@ class Pair:
 
     async def _meter(self, messages: int, nbytes: int) -> bool:
         """Charge the client's traffic to its message-rate limiter; False to stop."""
-        assert self._limiter is not None
-        delay = self._limiter.charge(messages, nbytes, trio.current_time())
+        assert self.limiter is not None
+        delay = self.limiter.charge(messages, nbytes, trio.current_time())
         if delay is None:
             self.stop(End.TERMINATED, "message rate limit exceeded")
             return False
@@ -214,15 +230,23 @@ class Pair:
 
     async def _forward(self, src: _Side, dst: _Side, data: memoryview) -> bool:
         """Scan and send ``data``; False when this direction must stop."""
-        scanner = src.scanner
-        count = scanner.feed(data)
+        count = src.scanner.feed(data)
         if count:
             try:
                 await dst.endpoint.send_all(data[:count])
             except PEER_GONE:
                 dst.gone = True
-                self._source_ended(dst)
+                self.source_ended(dst)
                 return False
+        return self.scanned(src, count)
+
+    def scanned(self, src: _Side, count: int) -> bool:
+        """Act on what the scanner saw in ``count`` forwarded bytes; False to stop.
+
+        Shared by both engines: the one place a protocol error, an oversize
+        message or a passing close frame changes the pair's course.
+        """
+        scanner = src.scanner
         if scanner.error is not None:
             too_big = isinstance(scanner.error, MessageTooBig)
             if src is self.client:
@@ -243,7 +267,7 @@ class Pair:
                 )
         return True
 
-    def _source_ended(self, side: _Side) -> None:
+    def source_ended(self, side: _Side) -> None:
         """``side``'s connection ended (EOF, reset or a failed send)."""
         if self._first_closer is not None:
             # A close handshake was under way: this is its (possibly abrupt) end.

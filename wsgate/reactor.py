@@ -1,0 +1,223 @@
+"""The "reactor" relay engine: one epoll pump per process instead of two tasks per pair.
+
+Each pair is still owned by its connection task, inside its own nursery: the
+task registers the pair here and waits; cancelling it (the pair's end, a
+drain, the gateway's cancellation) unregisters the pair, so both sockets are
+closed by their owner as with the "tasks" engine. Only the byte pump moves.
+
+The pump is a single Trio task that waits for the readiness of a private,
+level-triggered epoll holding every relayed socket, and then serves a whole
+batch of ready sockets without going back through Trio's scheduler for each:
+``recv_into`` a shared buffer, let the pair's frame scanner vouch for the
+bytes, ``send`` them on. When a send is short, the rest waits for the
+destination's writability and the source is not read meanwhile (backpressure:
+at most one chunk is ever held per direction).
+
+Pairs with a TLS leg or a message-rate limiter keep the "tasks" engine.
+"""
+
+from __future__ import annotations
+
+import select
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from .netio import RawSocket
+
+if TYPE_CHECKING:
+    from .relay import Pair, _Side
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
+#: Ready sockets served per wake-up; the rest wait one trip through the scheduler.
+_BATCH = 256
+
+
+class _Leg:
+    """A registered socket: which pair, which side reads from it, which side it feeds."""
+
+    __slots__ = ("fd", "mask", "pair", "peer", "pending", "scanned", "side", "sock")
+
+    def __init__(self, pair: Pair, side: _Side, peer: _Side) -> None:
+        assert isinstance(side.endpoint, RawSocket)
+        self.pair = pair
+        self.side = side
+        self.peer = peer
+        self.sock = side.endpoint.sock
+        self.fd = self.sock.fileno()
+        self.mask = 0  # what epoll watches for this fd (0: not registered)
+        self.pending: memoryview | None = None  # bytes still to send *to* this socket
+        self.scanned = 0  # forwarded-byte count the pair hears of once pending is out
+
+
+class Reactor:
+    """The epoll pump of one process; start :meth:`run` once, then :meth:`add` pairs."""
+
+    def __init__(self, chunk: int = 64 * 1024) -> None:
+        self._epoll = select.epoll()
+        self._legs: dict[int, _Leg] = {}
+        self._buf = memoryview(bytearray(chunk))
+        self._log = structlog.get_logger("wsgate.reactor")
+
+    @staticmethod
+    def accepts(pair: Pair) -> bool:
+        """Whether ``pair`` can be pumped here (plain sockets both ways, no meter)."""
+        return (
+            isinstance(pair.client.endpoint, RawSocket)
+            and isinstance(pair.backend.endpoint, RawSocket)
+            and pair.limiter is None
+        )
+
+    def add(self, pair: Pair, client_initial: bytes, backend_initial: bytes) -> None:
+        """Start pumping ``pair``; bytes read during the handshake go first."""
+        client = _Leg(pair, pair.client, pair.backend)
+        backend = _Leg(pair, pair.backend, pair.client)
+        self._legs[client.fd] = client
+        self._legs[backend.fd] = backend
+        for leg, initial in ((client, client_initial), (backend, backend_initial)):
+            if initial and not self._forward(leg, memoryview(initial)):
+                return
+        self._watch(client)
+        self._watch(backend)
+
+    def remove(self, pair: Pair) -> None:
+        """Stop pumping ``pair`` (idempotent); its owner then closes the sockets."""
+        for side in (pair.client, pair.backend):
+            assert isinstance(side.endpoint, RawSocket)
+            leg = self._legs.get(side.endpoint.sock.fileno())
+            if leg is not None and leg.pair is pair:
+                self._forget(leg)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The pump task; runs until cancelled."""
+        epoll_fd = self._epoll.fileno()
+        poll = self._epoll.poll
+        task_status.started()
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll_fd)
+                now = trio.current_time()
+                for fd, events in poll(0, _BATCH):
+                    leg = self._legs.get(fd)
+                    if leg is None:
+                        continue
+                    try:
+                        if events & _OUT:
+                            self._flush(leg)
+                        if events & (_IN | _GONE) and leg.mask & _IN:
+                            self._read(leg, now)
+                    except Exception:
+                        # One pair's failure is that pair's alone.
+                        self._log.exception("reactor_pair_failed")
+                        self._drop(leg.pair)
+                        leg.pair.fail()
+        finally:
+            self._epoll.close()
+
+    # -- per socket --------------------------------------------------------------------
+    def _read(self, leg: _Leg, now: float) -> None:
+        try:
+            n = leg.sock.recv_into(self._buf)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        pair = leg.pair
+        if n == 0:
+            self._drop(pair)
+            pair.source_ended(leg.side)
+            return
+        leg.side.bytes_in += n
+        pair.last_activity = now
+        if leg.side.scanner.close_received:
+            return  # nothing after a close frame is forwarded
+        self._forward(leg, self._buf[:n])
+
+    def _forward(self, leg: _Leg, data: memoryview) -> bool:
+        """Scan ``data`` read from ``leg`` and send it to the peer; False if the pair ended."""
+        pair = leg.pair
+        count = leg.side.scanner.feed(data)
+        if count:
+            out = self._legs[_fd(leg.peer)]
+            try:
+                sent = out.sock.send(data[:count])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._drop(pair)
+                leg.peer.gone = True
+                pair.source_ended(leg.peer)
+                return False
+            if sent < count:
+                # Hold the rest (copied: the buffer is shared) and stop reading
+                # this side until it is out; the pair hears of it only then.
+                out.pending = memoryview(bytes(data[sent:count]))
+                out.scanned = count
+                out.side.endpoint.dirty = True
+                self._watch(leg)
+                self._watch(out)
+                return True
+        if not pair.scanned(leg.side, count):
+            self._drop(pair)
+            return False
+        return True
+
+    def _flush(self, out: _Leg) -> None:
+        assert out.pending is not None
+        try:
+            sent = out.sock.send(out.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(out.pair)
+            out.side.gone = True
+            out.pair.source_ended(out.side)
+            return
+        out.pending = out.pending[sent:]
+        if out.pending:
+            return
+        out.pending = None
+        out.side.endpoint.dirty = False
+        source = self._legs[_fd(out.peer)]
+        if not out.pair.scanned(source.side, out.scanned):
+            self._drop(out.pair)
+            return
+        self._watch(out)
+        self._watch(source)
+
+    # -- registrations -----------------------------------------------------------------
+    def _watch(self, leg: _Leg) -> None:
+        """Register for what ``leg`` needs now: read unless its peer holds our bytes."""
+        peer = self._legs.get(_fd(leg.peer))
+        mask = (0 if peer is not None and peer.pending else _IN) | (_OUT if leg.pending else 0)
+        if mask == leg.mask:
+            return
+        # An fd watched for nothing would still report HUP/ERR forever: unregister it.
+        if mask == 0:
+            self._epoll.unregister(leg.fd)
+        elif leg.mask == 0:
+            self._epoll.register(leg.fd, mask)
+        else:
+            self._epoll.modify(leg.fd, mask)
+        leg.mask = mask
+
+    def _forget(self, leg: _Leg) -> None:
+        if leg.mask:
+            self._epoll.unregister(leg.fd)
+            leg.mask = 0
+        self._legs.pop(leg.fd, None)
+
+    def _drop(self, pair: Pair) -> None:
+        for side in (pair.client, pair.backend):
+            leg = self._legs.get(_fd(side))
+            if leg is not None and leg.pair is pair:
+                self._forget(leg)
+
+
+def _fd(side: _Side) -> int:
+    endpoint = side.endpoint
+    assert isinstance(endpoint, RawSocket)
+    return endpoint.sock.fileno()
