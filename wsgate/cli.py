@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import MutableMapping, Sequence
@@ -26,6 +27,7 @@ from .errors import ConfigError
 from .gateway import Gateway, raise_fd_limit
 from .logs import utc_now
 from .metrics import GatewayMetrics
+from .workers import supervise, worker_share
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 
@@ -59,6 +61,18 @@ def _listen(text: str) -> Listen:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer or 'auto'")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -85,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--pretty", action="store_true", help="human-readable logs instead of JSON lines"
     )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N gateway processes sharing the port (SO_REUSEPORT); 'auto' = one per "
+        "core. max_connections is divided among them; a worker that dies is restarted.",
+    )
+    serve.add_argument("--worker", help=argparse.SUPPRESS)  # "i/n": set by the supervisor
 
     check = sub.add_parser(
         "check",
@@ -146,7 +169,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
     configure_logging(json=not args.pretty)
-    return _run(_serve, config, demo)
+    workers = getattr(args, "workers", 1)
+    if workers > 1:
+        if config.admin is not None:
+            print(
+                f"wsgate: {args.config}: [admin] needs a single process (its changes and "
+                "metrics would reach one worker only); run with --workers 1",
+                file=sys.stderr,
+            )
+            return 1
+        return _run(supervise, args.config, config.gateway.listen, workers, args.pretty)
+    reuse_port = False
+    if getattr(args, "worker", None):
+        index, total = (int(part) for part in args.worker.split("/"))
+        structlog.contextvars.bind_contextvars(worker=index)
+        share = worker_share(config, index, total)
+        config = attrs.evolve(config, gateway=attrs.evolve(config.gateway, max_connections=share))
+        reuse_port = True
+    return _run(_serve, config, demo, reuse_port)
 
 
 class StartupError(Exception):
@@ -219,7 +259,7 @@ async def _run_echo(listen: Listen) -> None:
                 return
 
 
-async def _serve(config: Config, demo: bool) -> None:
+async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
     log = structlog.get_logger("wsgate")
     # Before anything else, so a signal during startup is not fatal but queued.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -245,7 +285,11 @@ async def _serve(config: Config, demo: bool) -> None:
             # Metrics cost nothing on the relay path; they are served by the admin listener.
             metrics = GatewayMetrics() if config.admin is not None else None
             try:
-                server = Gateway(config, observers=[metrics] if metrics is not None else ())
+                server = Gateway(
+                    config,
+                    observers=[metrics] if metrics is not None else (),
+                    reuse_port=reuse_port,
+                )
             except OSError as exc:  # ssl.SSLError: the certificate and key do not load
                 raise StartupError(f"cannot load the gateway's TLS certificate: {exc}") from exc
             if config.admin is not None:

@@ -140,8 +140,10 @@ class Gateway:
         *,
         policies: Mapping[str, Sequence[Policy]] | None = None,
         observers: Sequence[Observer] = (),
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
+        self._reuse_port = reuse_port  # several worker processes share the port
         self._observers = tuple(observers)
         self._policies = dict(policies or {})
         self._router = Router(config.apis)
@@ -237,9 +239,8 @@ class Gateway:
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, report ``self`` through ``task_status``, serve until drained or cancelled."""
-        listen = self.config.gateway.listen
-        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host, backlog=1024)
-        self._addresses = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
+        listeners = await bind_listeners(self.config.gateway.listen, reuse_port=self._reuse_port)
+        self._addresses = [tuple(sock.getsockname()[:2]) for sock in listeners]
         try:
             async with trio.open_nursery() as engine:
                 if self._reactor is not None:
@@ -249,7 +250,7 @@ class Gateway:
                     with self._accepting:
                         async with trio.open_nursery() as acceptors:
                             for listener in listeners:
-                                acceptors.start_soon(self._accept_loop, listener.socket)
+                                acceptors.start_soon(self._accept_loop, listener)
                             self._log.info(
                                 "gateway_started",
                                 addresses=[str(Listen(host=h, port=p)) for h, p in self._addresses],
@@ -263,7 +264,7 @@ class Gateway:
                 engine.cancel_scope.cancel()
         finally:
             for listener in listeners:
-                listener.socket.close()
+                listener.close()
             self._stopped.set()
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -372,8 +373,13 @@ class Gateway:
                 record,
                 log,
             )
-        except PEER_GONE:
-            pass
+        except PEER_GONE as exc:
+            # trio.SSLStream reports a failed TLS handshake as BrokenResourceError
+            # *from* the ssl error; the client never got as far as a request.
+            if client is None and isinstance(exc.__cause__, ssl.SSLError):
+                log.info(
+                    "tls_handshake_failed", caller_ip_address=address[0], error=str(exc.__cause__)
+                )
         except ssl.SSLError as exc:
             log.info("tls_handshake_failed", caller_ip_address=address[0], error=str(exc))
         except Exception as exc:
@@ -570,6 +576,40 @@ async def _read_request(
             return request, parser.trailing
         if parser.closed:
             return None
+
+
+async def bind_listeners(
+    listen: Listen, *, reuse_port: bool = False
+) -> list[trio.socket.SocketType]:
+    """Listening sockets for every address ``listen.host`` resolves to.
+
+    With ``reuse_port``, SO_REUSEPORT lets several processes listen on one port
+    and the kernel spreads new connections among them.
+    """
+    infos = await trio.socket.getaddrinfo(
+        listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[trio.socket.SocketType] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = trio.socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(1024)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _reopen_reserve() -> int | None:

@@ -1,0 +1,98 @@
+"""``wsgate serve --workers 2``: one port, two processes, restart, drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from .helpers import RawClient
+
+
+class Lines:
+    """JSON log lines of a process's stdout, read incrementally."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.seen: list[dict[str, Any]] = []
+        self._buffer = b""
+
+    async def until(self, predicate: Any) -> dict[str, Any]:
+        for record in self.seen:
+            if predicate(record):
+                return record
+        while True:
+            chunk = await self.stream.receive_some(65536)
+            assert chunk, "the process ended"
+            self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for line in lines:
+                record = json.loads(line)
+                self.seen.append(record)
+                if predicate(record):
+                    return record
+
+
+@pytest.mark.deadline(60)
+async def test_two_workers_share_a_port_restart_and_drain(echo_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        f'[gateway]\nlisten = "127.0.0.1:0"\nmax_connections = 11\n\n'
+        f'[[apis]]\nname = "echo"\npath = "echo"\nservice_url = "{echo_url}"\n'
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "wsgate", "serve", "--config", str(config), "--workers", "2"],
+        stdout=-1,
+    )
+    assert process.stdout is not None
+    lines = Lines(process.stdout)
+    try:
+        port = int(
+            (await lines.until(lambda r: r["event"] == "workers_started"))["address"].split(":")[1]
+        )
+        for worker in (0, 1):
+            started = await lines.until(
+                lambda r, w=worker: r["event"] == "gateway_started" and r.get("worker") == w
+            )
+            assert started["max_connections"] == (6 if worker == 0 else 5)  # 11 divided
+        for _ in range(24):
+            client = await RawClient.connect(port)
+            assert client.response is not None and client.response.status == 101
+            await client.close()
+            await client.receive_close()
+            await client.aclose()
+        handshakes = lambda _: sum(r["event"] == "handshake" for r in lines.seen) >= 24  # noqa: E731
+        await lines.until(handshakes)
+        workers = {r.get("worker") for r in lines.seen if r["event"] == "handshake"}
+        assert workers == {0, 1}, "SO_REUSEPORT spread 24 connections over both workers"
+
+        # A worker killed outright is restarted.
+        victim = await lines.until(lambda r: r["event"] == "worker_started" and r["worker"] == 0)
+        os.kill(victim["pid"], signal.SIGKILL)
+        await lines.until(lambda r: r["event"] == "worker_exited" and r["worker"] == 0)
+        await lines.until(
+            lambda r: (
+                r["event"] == "worker_started" and r["worker"] == 0 and r["pid"] != victim["pid"]
+            )
+        )
+
+        # SIGTERM drains every worker: open pairs get 1001, the supervisor exits 0.
+        client = await RawClient.connect(port)
+        assert client.response is not None and client.response.status == 101
+        process.send_signal(signal.SIGTERM)
+        assert (await client.receive_close())[0] == 1001
+        await client.close(1001)
+        await client.aclose()
+        with trio.fail_after(15):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
