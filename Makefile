@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench bench-quick clean
+.PHONY: install run test lint format bench bench-quick clean browser
+BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +19,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/wsgate demo
 
+## Headless Chromium and its WebDriver, for tests/test_console_web.py (Debian, apt-get as root).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	else \
+		echo "make: tests/test_console_web.py needs chromium and chromium-driver: run make test as root, or apt-get install -y chromium chromium-driver" >&2; \
+	fi
+
 ## Run the whole test suite.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 ## ruff (lint + format check) and mypy --strict.
@@ -31,6 +41,21 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format wsgate tests benchmarks
 	$(BIN)/ruff check --fix wsgate tests benchmarks
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+## Load benchmark (about 12 minutes on 2 cores): markdown table, JSON and charts in
+## benchmarks/results/ (see docs/performance.md). Extra options: make bench BENCH_ARGS='...'.
+bench: $(BENCH_STAMP)
+	@bash benchmarks/install_nginx.sh
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+## The one-minute subset of the benchmark.
+bench-quick: $(BENCH_STAMP)
+	@bash benchmarks/install_nginx.sh
+	$(BIN)/python -m benchmarks.run --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

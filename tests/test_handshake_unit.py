@@ -730,6 +730,7 @@ EXPECTED_PLANS = {
     End.DRAIN: ("gateway", GOING_AWAY, GOING_AWAY),
     End.TERMINATED: ("gateway", POLICY, POLICY),
     End.INTERNAL_ERROR: ("gateway", INTERNAL, GOING_AWAY),
+    End.ABORTED: ("gateway", None, None),
 }
 # RFC 6455 7.4: codes an endpoint may send (1004-1006 and 1015 are reserved/local).
 SENDABLE = {1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)}

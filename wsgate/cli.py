@@ -19,7 +19,7 @@ import attrs
 import structlog
 import trio
 
-from . import __version__
+from . import __version__, console
 from .admin import reload_on_sighup, serve_admin
 from .config import Config, Listen, load_config
 from .echo import serve_echo
@@ -140,12 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEMO_CONFIG, help="demo config (default: %(default)s)"
     )
     demo.add_argument("--pretty", action="store_true", help="human-readable logs")
+    console.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsgate`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "console":
+        return console.run(args)
     if args.command == "check":
         return _check(args.file)
     if args.command == "echo-server":

@@ -1,8 +1,9 @@
 """The admin HTTP API: a Starlette application over a gateway and its :class:`Manager`.
 
-``/health``, ``/ready``, ``/metrics`` and ``/openapi.json`` are open; every
-other endpoint needs ``Authorization: Bearer <token>`` (compared in constant
-time), else 401; without a configured token they answer 403. Errors are JSON:
+``/health``, ``/ready``, ``/metrics``, ``/openapi.json`` and the web console's
+page (``/console/``, docs/console.md) are open; every other endpoint needs
+``Authorization: Bearer <token>`` (compared in constant time), else 401; without
+a configured token they answer 403. Errors are JSON:
 ``{"errors": [{"field": ..., "message": ...}]}``. docs/management-api.md shows
 every endpoint with curl.
 """
@@ -24,6 +25,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from wsgate.console import web_routes
 
 from .manager import KEYS, Invalid, ManagementError, Manager, NotFound, problem
 from .openapi import openapi_document
@@ -284,4 +287,6 @@ def build_app(
         items, item = admin.collection(name)
         routes.append(Route(f"/{name}", items, methods=["GET", "POST"]))
         routes.append(Route(f"/{name}/{{key}}", item, methods=["GET", "PUT", "PATCH", "DELETE"]))
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    # The web console: its page is open, its two endpoints take the bearer token.
+    console = web_routes(gateway, admin.protected)
+    return Starlette(routes=[*routes, *console], exception_handlers={HTTPException: _http_error})
