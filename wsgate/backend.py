@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
+import socket
 import ssl
 from pathlib import Path
 
@@ -13,7 +15,14 @@ from wsproto.utilities import generate_nonce
 
 from .config import BackendURL
 from .errors import BackendProtocolError, BackendRejected, map_backend_errors
-from .handshake import MAX_REQUEST_HEAD, BackendAccept, Headers, Upgrade, check_backend_101
+from .handshake import (
+    MAX_REQUEST_HEAD,
+    BackendAccept,
+    Headers,
+    Upgrade,
+    check_backend_101,
+    describe_http_error,
+)
 from .netio import Endpoint, RawSocket, StreamEndpoint, detach
 
 #: At most this much of a refusing backend's body is relayed to the client.
@@ -51,7 +60,7 @@ async def open_backend(
     Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
     """
     with map_backend_errors(backend.url):
-        stream = await trio.open_tcp_stream(backend.host, backend.port)
+        stream = await _connect(backend.host, backend.port)
         endpoint: Endpoint
         try:
             if backend.secure:
@@ -72,22 +81,40 @@ async def open_backend(
         return BackendConnection(endpoint, accept, trailing)
 
 
+async def _connect(host: str, port: int) -> trio.SocketStream:
+    """TCP to the backend; an IP literal skips open_tcp_stream's happy-eyeballs nursery."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 async def _upgrade(
     endpoint: Endpoint, backend: BackendURL, target: str, headers: Headers, upgrade: Upgrade
 ) -> tuple[BackendAccept, bytes]:
     key = generate_nonce().decode()
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    own = [
+        ("Host", backend.host_header),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key),
+        ("Sec-WebSocket-Version", "13"),
+    ]
     request = h11.Request(
         method="GET",
         target=target,
-        headers=[
-            ("Host", backend.host_header),
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", key),
-            ("Sec-WebSocket-Version", "13"),
-            *headers,
-        ],
+        # The client's values were decoded as latin-1 (bytes 0x80-0xFF are legal in
+        # a field value): encode them back byte for byte. Given str, h11 encodes as
+        # ASCII and fails the handshake with a 500.
+        headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in [*own, *headers]],
     )
     data = conn.send(request)
     assert data is not None
@@ -97,7 +124,9 @@ async def _upgrade(
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise BackendProtocolError(f"backend answered with invalid HTTP: {exc}") from None
+            raise BackendProtocolError(
+                f"backend answered with invalid HTTP: {describe_http_error(exc)}"
+            ) from None
         if event is h11.NEED_DATA:
             n = await endpoint.recv_into(buf)
             conn.receive_data(bytes(buf[:n]))

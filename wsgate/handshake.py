@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlencode
@@ -93,6 +94,16 @@ class ClientRequest:
         ]
 
 
+# h11 quotes the offending bytes in some messages ("illegal header line:
+# bytearray(b'...')"); that line may be an Authorization or Cookie header.
+_QUOTED_BYTES = re.compile(r":? *(?:bytearray\()?b['\"].*", re.DOTALL)
+
+
+def describe_http_error(exc: h11.ProtocolError) -> str:
+    """h11's complaint, without the bytes it quotes: they may hold secrets."""
+    return _QUOTED_BYTES.sub("", str(exc))
+
+
 class RequestParser:
     """Sans-io reader of one opening request: feed bytes, get a :class:`ClientRequest`.
 
@@ -131,7 +142,9 @@ class RequestParser:
                 too_large = status == 431
                 raise HandshakeRejected(
                     status,
-                    "request header fields too large" if too_large else f"malformed request: {exc}",
+                    "request header fields too large"
+                    if too_large
+                    else f"malformed request: {describe_http_error(exc)}",
                     reason="RequestHeaderTooLarge" if too_large else "MalformedRequest",
                 ) from None
             if event is h11.NEED_DATA:

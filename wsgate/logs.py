@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import datetime
+import time
+
+# strftime is the costliest step of a log line; the seconds part changes once a second.
+_second = -1
+_prefix = ""
 
 
 def utc_now() -> str:
     """The current time as ISO-8601 UTC with milliseconds, e.g. ``2026-11-29T16:00:00.123Z``."""
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    global _second, _prefix
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second, _prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+    return f"{_prefix}{int((now - second) * 1000):03d}Z"

@@ -56,7 +56,7 @@ class _Leg:
 class Reactor:
     """The epoll pump of one process; start :meth:`run` once, then :meth:`add` pairs."""
 
-    def __init__(self, chunk: int = 64 * 1024) -> None:
+    def __init__(self, chunk: int = 256 * 1024) -> None:
         self._epoll = select.epoll()
         self._legs: dict[int, _Leg] = {}
         self._buf = memoryview(bytearray(chunk))

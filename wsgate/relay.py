@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .reactor import Reactor
 
 #: One read at most; shared by every pump of the process (see module docstring).
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024  # a 64 KiB message and its header in one read
 _shared = memoryview(bytearray(CHUNK))
 
 CLIENT = "client"
