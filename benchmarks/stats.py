@@ -350,7 +350,7 @@ def find(sections: Sequence[Mapping[str, Any]], connections: int, size: int, dep
 
 
 def goals(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
-    """Issue 7's targets for the default relay engine: (goal, measured, wanted, verdict)."""
+    """Issue 7's targets, both relay engines: (goal, measured, wanted, verdict)."""
     load = report.get("load", [])
     rows: list[tuple[str, str, str, str]] = []
 
@@ -414,6 +414,28 @@ def goals(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         ">= 2,000",
         None if v is None else v >= 2000,
         fmt_num(v),
+    )
+    # The reactor engine's own targets.
+    for connections, wanted_ratio in ((100, 0.7), (1000, 0.9)):
+        r = find(load, connections, 32, 1)
+        v = ratio(
+            r.get("wsgate-reactor", {}).get("msgs_per_s"), r.get("nginx", {}).get("msgs_per_s")
+        )
+        check(
+            f"reactor, {connections} x 32 B: wsgate-reactor / nginx",
+            v,
+            f">= {wanted_ratio}x",
+            None if v is None else v >= wanted_ratio,
+            fmt_ratio(v),
+        )
+    reactor_idle = report.get("idle", {}).get("results", {}).get("wsgate-reactor", {})
+    v = reactor_idle.get("bytes_per_pair")
+    check(
+        "reactor: memory per idle pair",
+        v,
+        "<= 6 KiB",
+        None if v is None else v <= 6 * 1024,
+        fmt_bytes(v),
     )
     held = idle.get("pairs")
     wanted = 10_000

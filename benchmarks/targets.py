@@ -269,8 +269,11 @@ class NginxTLS(Nginx):
 
 
 #: The default targets of a run.
-PLAIN = {cls.name: cls for cls in (Direct, Wsgate, TrioNaive, Nginx, WebsocketsRelay)}
+PLAIN = {
+    cls.name: cls
+    for cls in (Direct, Wsgate, WsgateReactor, Wsgate2Workers, TrioNaive, Nginx, WebsocketsRelay)
+}
 #: Targets a run measures only when named with --targets.
-OPTIONAL = {cls.name: cls for cls in (WsgateReactor, Wsgate2Workers)}
+OPTIONAL: dict[str, type[Target]] = {}
 TLS = {cls.name: cls for cls in (WsgateTLS, NginxTLS)}
 ALL: dict[str, type[Target]] = {**PLAIN, **OPTIONAL, **TLS}
