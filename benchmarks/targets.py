@@ -118,7 +118,11 @@ class Wsgate(Target):
             name = "echo"
             path = "echo"
             service_url = "ws://127.0.0.1:{self.backend_port}/echo"
-            """)
+            """) + self.extra_toml()
+
+    def extra_toml(self) -> str:
+        """More config tables for variants of this target."""
+        return ""
 
     def start(self) -> None:
         self.port = procs.free_port()
@@ -146,6 +150,14 @@ class WsgateReactor(Wsgate):
     name = "wsgate-reactor"
     description = 'wsgate with `relay_engine = "reactor"`'
     engine = "reactor"
+
+
+class WsgateMetrics(Wsgate):
+    name = "wsgate-metrics"
+    description = "wsgate with `[admin]`: metrics observer on, /metrics served"
+
+    def extra_toml(self) -> str:
+        return f'\n[admin]\nlisten = "127.0.0.1:{procs.free_port()}"\n'
 
 
 class Wsgate2Workers(Wsgate):
@@ -274,6 +286,6 @@ PLAIN = {
     for cls in (Direct, Wsgate, WsgateReactor, Wsgate2Workers, TrioNaive, Nginx, WebsocketsRelay)
 }
 #: Targets a run measures only when named with --targets.
-OPTIONAL: dict[str, type[Target]] = {}
+OPTIONAL: dict[str, type[Target]] = {WsgateMetrics.name: WsgateMetrics}
 TLS = {cls.name: cls for cls in (WsgateTLS, NginxTLS)}
 ALL: dict[str, type[Target]] = {**PLAIN, **OPTIONAL, **TLS}
