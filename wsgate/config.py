@@ -1158,17 +1158,21 @@ def parse_config(
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML config file; ConfigError lists every problem in it."""
-    label = os.fspath(path)
     file = Path(path).absolute()
+    return _parse(read_toml(path), os.fspath(path), file.parent, file)
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config file's TOML document, unvalidated; ConfigError if it cannot be read."""
+    label = os.fspath(path)
     try:
-        data = tomllib.loads(file.read_bytes().decode("utf-8"))
+        return tomllib.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as exc:
         raise ConfigError([f"{label}: cannot read config file: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{label}: not valid UTF-8: {exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{label}: invalid TOML: {exc}"]) from None
-    return _parse(data, label, file.parent, file)
 
 
 def _parse(data: object, label: str, base_dir: Path | None, source: Path | None) -> Config:

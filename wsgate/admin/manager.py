@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import re
-import tomllib
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ import attrs
 import structlog
 import trio
 
-from wsgate.config import Config, parse_config
+from wsgate.config import Config, parse_config, read_toml
 from wsgate.errors import ConfigError
 
 from . import serialize
@@ -239,7 +238,7 @@ class Manager:
             if source is None:
                 raise Invalid([problem(None, "the gateway was not started from a config file")])
             try:
-                base = await trio.to_thread.run_sync(_read_toml, source)
+                base = await trio.to_thread.run_sync(read_toml, source)
                 parsed = self._parse(self._document(base, self._overrides), None, reload=True)
             except ConfigError as exc:
                 problems = [problem(None, line) for line in exc.problems]
@@ -501,7 +500,7 @@ class Manager:
         """The running configuration's tables: the config file's, if it still matches."""
         if config.source is not None:
             try:
-                from_file = _read_toml(config.source)
+                from_file = read_toml(config.source)
                 parsed = parse_config(from_file, source=_LABEL, base_dir=config.source.parent)
             except ConfigError as exc:
                 self._log.warning(
@@ -532,19 +531,6 @@ class Manager:
             if api.subscription_required == derived:
                 del table["subscription_required"]
         return document
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    """A config file's TOML document; ConfigError (as load_config words it) if unreadable."""
-    label = str(path)
-    try:
-        return tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError([f"{label}: cannot read config file: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{label}: not valid UTF-8: {exc}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{label}: invalid TOML: {exc}"]) from None
 
 
 def _keyed(field: str, key: str, table: Mapping[str, Any]) -> dict[str, Any]:
