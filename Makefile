@@ -57,5 +57,27 @@ bench-quick: $(BENCH_STAMP)
 	@bash benchmarks/install_nginx.sh
 	$(BIN)/python -m benchmarks.run --quick $(BENCH_ARGS)
 
+FUZZ_TIME     ?= 60
+SOAK_DURATION ?= 300
+FUZZ_STAMP := $(VENV)/.installed-fuzz
+.PHONY: fuzz soak
+
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet 'atheris>=2.3'
+	touch $(FUZZ_STAMP)
+
+## Coverage-guided fuzzing (atheris) of the frame scanner and the handshake parser,
+## FUZZ_TIME seconds each, from tests/fuzz/corpus; crashes land in .fuzz/crashes/.
+fuzz: $(FUZZ_STAMP)
+	mkdir -p .fuzz/frames .fuzz/handshake .fuzz/crashes
+	$(BIN)/python tests/fuzz/fuzz_frames.py -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=2048 -artifact_prefix=.fuzz/crashes/ .fuzz/frames tests/fuzz/corpus/frames tests/fuzz/regressions/frames
+	$(BIN)/python tests/fuzz/fuzz_handshake.py -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=2048 -artifact_prefix=.fuzz/crashes/ .fuzz/handshake tests/fuzz/corpus/handshake tests/fuzz/regressions/handshake
+
+## Soak: 10,000 churned pairs per relay engine in process, then a gateway process under
+## mixed load for SOAK_DURATION s with a 1 GiB flood (SOAK_ARGS='--engine reactor' ...).
+soak: $(STAMP)
+	WSGATE_CHURN_PAIRS=10000 $(BIN)/python -m pytest -q tests/test_churn.py
+	$(BIN)/python -m benchmarks.soak --duration $(SOAK_DURATION) $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -361,7 +361,10 @@ class FrameScanner:
                         break
                     size += length
                 fragmenting = cls == _CONT_MORE
-            elif length > _MAX_CONTROL_PAYLOAD:
+            elif length > _MAX_CONTROL_PAYLOAD or header_end - pos != 2 + key_len:
+                # The 7-bit length field itself must say <= 125 (RFC 6455 5.5): a
+                # 126/127 code is refused whatever the extended length, as it is
+                # when the header arrives cut (_frame_error) and by wsproto.
                 bad = True
                 break
             elif cls == _CLOSE:

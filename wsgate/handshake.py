@@ -147,7 +147,9 @@ class RequestParser:
                     else f"malformed request: {describe_http_error(exc)}",
                     reason="RequestHeaderTooLarge" if too_large else "MalformedRequest",
                 ) from None
-            if event is h11.NEED_DATA:
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                # PAUSED: the request was returned already; more bytes only add
+                # to ``trailing`` (h11 would answer PAUSED forever).
                 return None
             if isinstance(event, h11.Request):
                 # h11 checks max_incomplete_event_size only while the head is still
