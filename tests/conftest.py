@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 
 from wsgate.echo import serve_echo
@@ -20,6 +22,32 @@ DEFAULT_DEADLINE = 30.0
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "deadline(seconds): fail the test after this long")
+    # Every record of the suite passes the secret scan, captured ones included.
+    capture = structlog.testing.LogCapture.__call__
+
+    def scan_and_capture(self: Any, logger: Any, name: str, event: Any) -> Any:
+        helpers.scan_record(event)
+        return capture(self, logger, name, event)
+
+    structlog.testing.LogCapture.__call__ = scan_and_capture  # type: ignore[method-assign]
+
+
+def _scan(_logger: Any, _name: str, event: Any) -> Any:
+    helpers.scan_record(event)
+    return event
+
+
+@pytest.fixture(autouse=True)
+def _scan_every_log_record() -> None:
+    """(Re)install the scan: a test may have configured structlog (the CLI does)."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _scan,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ]
+    )
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

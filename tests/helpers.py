@@ -24,6 +24,20 @@ from wsgate.config import parse_config
 Headers = list[tuple[str, str]]
 
 
+#: Secrets the tests hand the gateway; every log record of the suite is checked for
+#: them (conftest.py), and test_zz_no_secret_logged.py fails on any hit.
+SUITE_SECRETS: set[str] = set()
+LEAKS: list[str] = []
+SCANNED = [0]
+
+
+def scan_record(record: object) -> None:
+    """Note any registered secret that appears in one log record."""
+    SCANNED[0] += 1
+    text = repr(record)
+    LEAKS.extend(f"{secret!r} in {text[:300]}" for secret in SUITE_SECRETS if secret in text)
+
+
 #: The relay engine gateways built here use; the ``relay_engine`` fixture switches it.
 RELAY_ENGINE = "tasks"
 

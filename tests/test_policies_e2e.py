@@ -13,10 +13,12 @@ from structlog.testing import capture_logs
 import wsgate
 from wsgate.config import parse_config
 
+from . import helpers
 from .helpers import BackendRequest, RawBackend, RawClient, accept_response, read_all
 
 KEY = "k" * 16 + "-alice-primary"
 SECRET = "s" * 40
+helpers.SUITE_SECRETS.update({KEY, SECRET})
 
 
 async def _recording_backend(nursery: trio.Nursery) -> RawBackend:

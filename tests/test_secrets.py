@@ -44,6 +44,7 @@ from benchmarks.soak import (
 )
 from wsgate.config import load_config
 
+from . import helpers
 from .helpers import BackendRequest, RawBackend, read_all
 
 SUB_KEY = "subkey-9f8e7d6c5b4a39281706"
@@ -55,6 +56,19 @@ QUERY_TOKEN = "qtoken-0123456789abcdef0123"
 QUERY_SIG = "qsig-fedcba9876543210fedc"
 BASIC_PASSWORD = "basicpass-55aa66bb77cc88dd"
 ADMIN_TOKEN = "admintoken-0123456789abcdefghij"
+helpers.SUITE_SECRETS.update(
+    {
+        SUB_KEY,
+        WRONG_KEY,
+        JWT_SECRET,
+        OTHER_JWT_SECRET,
+        COOKIE,
+        QUERY_TOKEN,
+        QUERY_SIG,
+        BASIC_PASSWORD,
+        ADMIN_TOKEN,
+    }
+)
 KEY_ENV = "WSGATE_TEST_SUBSCRIPTION_KEY"
 
 
