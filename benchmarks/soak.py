@@ -48,6 +48,8 @@ from typing import Any
 import trio
 from wsproto.utilities import generate_accept_token
 
+from wsgate.frames import xor_mask
+
 # -- frames ------------------------------------------------------------------------------
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -55,17 +57,6 @@ CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 #: One fixed key: it is a nonce, not a secret, and a fixed one saves hashing per connect.
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = generate_accept_token(KEY.encode()).decode()
-
-
-def xor_mask(payload: bytes | bytearray | memoryview, key: bytes) -> bytes:
-    """``payload`` XOR the 4-byte ``key`` repeated (masking and unmasking alike)."""
-    n = len(payload)
-    if not n:
-        return b""
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(
-        n, "little"
-    )
 
 
 def build_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool) -> bytes:

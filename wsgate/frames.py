@@ -77,8 +77,11 @@ def _close_code_allowed(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-def _xor_mask(payload: bytes, key: bytes) -> bytes:
-    """XOR a short payload with its mask key (only ever used on close payloads)."""
+def xor_mask(payload: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    """``payload`` XOR the 4-byte mask ``key`` repeated (masking and unmasking alike).
+
+    The relay never unmasks data payloads; this serves close payloads and test peers.
+    """
     n = len(payload)
     if not n:
         return b""
@@ -140,7 +143,7 @@ def build_close_frame(code: int | None, reason: str = "", *, mask: bool) -> byte
         payload = code.to_bytes(2, "big") + encoded
     if mask:
         key = os.urandom(4)
-        return bytes((0x88, 0x80 | len(payload))) + key + _xor_mask(payload, key)
+        return bytes((0x88, 0x80 | len(payload))) + key + xor_mask(payload, key)
     return bytes((0x88, len(payload))) + payload
 
 
@@ -445,7 +448,7 @@ class FrameScanner:
     ) -> int:
         """Validate a complete close payload; accept through ``end`` or stop at ``start``."""
         if key is not None:
-            payload = _xor_mask(payload, key)
+            payload = xor_mask(payload, key)
         try:
             code, reason = parse_close_payload(payload)
         except ProtocolError as exc:
