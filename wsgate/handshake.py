@@ -40,20 +40,9 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Each hop of a WebSocket handshake has its own; the gateway makes its own.
-_PER_HANDSHAKE = frozenset(
-    {
-        "host",
-        "content-length",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-accept",
-        "sec-websocket-protocol",
-        "sec-websocket-extensions",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-    }
-)
+# Each hop of a WebSocket handshake has its own; the gateway makes its own (and
+# every Sec-WebSocket-* header, matched by prefix in end_to_end).
+_PER_HANDSHAKE = frozenset({"host", "content-length", "x-forwarded-proto", "x-forwarded-host"})
 
 
 @attrs.frozen
@@ -252,7 +241,7 @@ def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
         for key, value in headers
         if (low := key.lower()) not in _HOP_BY_HOP
         and low not in _PER_HANDSHAKE
-        and not low.startswith("sec-websocket-")  # any other, e.g. a future one, too
+        and not low.startswith("sec-websocket-")
         and low not in named
     ]
 
