@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 import wsgate
 
@@ -89,3 +90,31 @@ async def test_drain_without_pairs_returns_at_once(nursery: trio.Nursery, echo_u
     with trio.fail_after(1):  # far below drain_timeout
         await gateway.drain()
     assert gateway.stats().draining
+
+
+@pytest.mark.parametrize("engine", ["tasks", "reactor"])
+async def test_cancelling_the_host_with_open_pairs_logs_no_error(
+    echo_url: str, engine: str
+) -> None:
+    # The host app's nursery is cancelled while pairs relay: the gateway unwinds
+    # quietly. (With the reactor, its pump used to close its epoll before the
+    # pairs' owners unregistered, and every pair logged "connection_failed".)
+    config = make_config(
+        [{"name": "echo", "path": "echo", "service_url": echo_url}], relay_engine=engine
+    )
+    with capture_logs() as logs:
+        async with trio.open_nursery() as host:
+            gateway = await host.start(wsgate.Gateway(config).run)
+            port = gateway.addresses[0][1]
+            clients = [await RawClient.connect(port, "/echo") for _ in range(3)]
+            for client in clients:
+                await client.send_text("ping")
+                [echo] = await client.receive_frames(1)
+                assert echo.payload == "ping"
+            assert gateway.stats().active_pairs == 3
+            host.cancel_scope.cancel()
+    for client in clients:
+        await client.aclose()
+    events = [entry["event"] for entry in logs]
+    assert events.count("disconnect") == 3  # each pair still logged its end
+    assert [entry for entry in logs if entry["log_level"] in ("error", "critical")] == []

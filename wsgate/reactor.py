@@ -205,7 +205,8 @@ class Reactor:
         leg.mask = mask
 
     def _forget(self, leg: _Leg) -> None:
-        if leg.mask:
+        # A cancelled gateway stops the pump (closing the epoll) while owners unwind.
+        if leg.mask and not self._epoll.closed:
             self._epoll.unregister(leg.fd)
             leg.mask = 0
         self._legs.pop(leg.fd, None)
