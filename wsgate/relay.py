@@ -99,7 +99,9 @@ class Pair:
         self.end: End | None = None
         self._stop_reason: str | None = None
         self._first_closer: _Side | None = None
-        self._scope = trio.CancelScope()
+        # The nursery's own cancel scope, once run() has opened it (a scope of
+        # the pair's own would cost memory per pair).
+        self._scope: trio.CancelScope | None = None
         self._log = log
         self._deadline = deadline  # trio time at which a policy ends the pair (1008)
         self._deadline_reason = deadline_reason
@@ -148,7 +150,8 @@ class Pair:
         if self.end is None:
             self.end = end
             self._stop_reason = reason
-        self._scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()  # before run(), run() sees self.end and does not start
 
     async def run(self, client_initial: bytes = b"", backend_initial: bytes = b"") -> None:
         """Relay until the pair ends, then close both legs. Never raises but Cancelled.
@@ -158,19 +161,23 @@ class Pair:
         """
         cut = True  # until proven otherwise: an outer cancellation skips the goodbyes
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    if self._reactor is not None:
-                        # The reactor pumps; this task only owns the pair until it ends.
-                        self._reactor.add(self, client_initial, backend_initial)
-                        nursery.start_soon(trio.sleep_forever)
-                    else:
-                        nursery.start_soon(self._pump, self.client, self.backend, client_initial)
-                        nursery.start_soon(self._pump, self.backend, self.client, backend_initial)
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self.end is not None:
+                    self._scope.cancel()  # stopped before it ran (a drain)
+                else:
                     if self.idle_timeout > 0:
                         nursery.start_soon(self._watch_idle)
                     if self._deadline is not None:
                         nursery.start_soon(self._watch_deadline)
+                    if self._reactor is None:
+                        nursery.start_soon(self._pump, self.client, self.backend, client_initial)
+                        nursery.start_soon(self._pump, self.backend, self.client, backend_initial)
+                    else:
+                        # The reactor pumps; this task owns the pair until it ends
+                        # (waiting here itself: a task of its own would cost memory).
+                        self._reactor.add(self, client_initial, backend_initial)
+                        await trio.sleep_forever()
             if self.end is None:  # the close handshake's deadline passed
                 self.end = End.CLOSE_TIMEOUT
             cut = False
@@ -260,6 +267,7 @@ class Pair:
             if self._first_closer is None:
                 self._first_closer = src
                 # The peer now has close_timeout to answer in kind.
+                assert self._scope is not None  # scanning happens inside run()
                 self._scope.deadline = trio.current_time() + self.close_timeout
             else:
                 self.stop(
