@@ -94,6 +94,9 @@ class Wsgate(Target):
     engine: str | None = None
     #: Extra ``wsgate serve`` arguments.
     serve_args: tuple[str, ...] = ()
+    #: A command the gateway runs under (e.g. valgrind), and how long it may take to listen.
+    launcher: tuple[str, ...] = ()
+    start_timeout = 15.0
 
     def config_text(self) -> str:
         tls = ""
@@ -136,14 +139,14 @@ class Wsgate(Target):
         log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - child owns it
         try:
             self.proc = procs.spawn(
-                [*cmd, "serve", "--config", str(config), *self.serve_args],
+                [*self.launcher, *cmd, "serve", "--config", str(config), *self.serve_args],
                 stdout=log,
                 stderr=log,
                 cwd=str(ROOT),
             )
         finally:
             log.close()
-        procs.wait_port(self.port, self.proc)
+        procs.wait_port(self.port, self.proc, timeout=self.start_timeout)
 
 
 _WSGATE_MAIN = "import sys; from wsgate.cli import main; sys.exit(main())"
