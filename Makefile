@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench bench-quick clean browser
+.PHONY: install run test lint format bench bench-quick bench-icount clean browser
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
@@ -56,6 +56,13 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	@bash benchmarks/install_nginx.sh
 	$(BIN)/python -m benchmarks.run --quick $(BENCH_ARGS)
+
+## Instructions per echo (or per handshake) counted by valgrind: deterministic where CPU
+## time is not (metrics on/off, before/after a change). Installs valgrind as root if missing.
+ICOUNT_ARGS ?= --targets wsgate,wsgate-metrics --repeat 3 --out benchmarks/results/metrics
+bench-icount: $(BENCH_STAMP)
+	@command -v valgrind >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; } || echo "make: valgrind is missing (apt-get install valgrind)" >&2
+	$(BIN)/python -m benchmarks.icount $(ICOUNT_ARGS)
 
 FUZZ_TIME     ?= 60
 SOAK_DURATION ?= 300

@@ -10,10 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
+from structlog.testing import capture_logs
 
-from benchmarks import procs, stats
+from benchmarks import icount, procs, stats
 from benchmarks.loadgen import split
 from benchmarks.run import Options, Probe, _pick_round, _scenario_arg, figures, run
+
+from .helpers import start_gateway, wait_until
 
 # -- figures ------------------------------------------------------------------------------
 
@@ -224,3 +228,37 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert "| 2 x 64 B, depth 1 | **wsgate** |" in md
     assert "## TLS front end" in md
     assert procs._children == []  # every process started was stopped
+
+
+# -- instruction counts (benchmarks/icount.py) ---------------------------------------------
+
+
+def test_icount_reads_callgrind_totals(tmp_path: Path) -> None:
+    out = tmp_path / "run.callgrind"
+    out.write_text(
+        "version: 1\ncmd: wsgate serve\nevents: Ir\nfn=(1) main\n5 10\nsummary: 2017483476\n"
+    )
+    assert icount.instructions(out) == 2017483476
+    out.write_text("events: Ir\ntotals: 12345\n")
+    assert icount.instructions(out) == 12345
+    out.write_text("events: Ir\n")  # a run killed before callgrind could dump
+    with pytest.raises(RuntimeError, match="no totals"):
+        icount.instructions(out)
+
+
+async def test_icount_drivers_echo_through_a_real_gateway(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    gw = await start_gateway(nursery, echo_url)
+    port = gw.addresses[0][1]
+    with capture_logs() as logs:
+        await trio.to_thread.run_sync(icount.drive, port, 3, 30, 32)
+        await trio.to_thread.run_sync(icount.drive_handshakes, port, 4, 64)
+        await wait_until(lambda: gw.stats().active_pairs == 0)
+    handshakes = [entry for entry in logs if entry["event"] == "handshake"]
+    disconnects = [entry for entry in logs if entry["event"] == "disconnect"]
+    assert [entry["response_code"] for entry in handshakes] == [101] * 7
+    assert len(disconnects) == 7
+    # Every message the drivers sent was relayed, and every echo came back (checked inside).
+    assert sum(entry["messages_from_client"] for entry in disconnects) == 30 + 4
+    assert sum(entry["messages_from_backend"] for entry in disconnects) == 30 + 4
