@@ -23,7 +23,7 @@ from .handshake import (
     check_backend_101,
     describe_http_error,
 )
-from .netio import Endpoint, RawSocket, StreamEndpoint, detach
+from .netio import SCRATCH, Endpoint, RawSocket, StreamEndpoint, detach
 
 #: At most this much of a refusing backend's body is relayed to the client.
 MAX_REJECTION_BODY = 64 * 1024
@@ -60,17 +60,17 @@ async def open_backend(
     Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
     """
     with map_backend_errors(backend.url):
-        stream = await _connect(backend.host, backend.port)
+        conn = await _connect(backend.host, backend.port)
         endpoint: Endpoint
+        if backend.secure:
+            stream = conn if isinstance(conn, trio.SocketStream) else trio.SocketStream(conn)
+            tls = trio.SSLStream(stream, client_ssl_context(ca_file), server_hostname=backend.host)
+            endpoint = StreamEndpoint(tls)
+        else:
+            endpoint = RawSocket(detach(conn))
         try:
             if backend.secure:
-                tls = trio.SSLStream(
-                    stream, client_ssl_context(ca_file), server_hostname=backend.host
-                )
-                endpoint = StreamEndpoint(tls)
                 await tls.do_handshake()
-            else:
-                endpoint = RawSocket(detach(stream))
             accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
         except BaseException:
             if backend.secure:
@@ -81,7 +81,7 @@ async def open_backend(
         return BackendConnection(endpoint, accept, trailing)
 
 
-async def _connect(host: str, port: int) -> trio.SocketStream:
+async def _connect(host: str, port: int) -> trio.SocketStream | trio.socket.SocketType:
     """TCP to the backend; an IP literal skips open_tcp_stream's happy-eyeballs nursery."""
     try:
         ip = ipaddress.ip_address(host)
@@ -93,7 +93,7 @@ async def _connect(host: str, port: int) -> trio.SocketStream:
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return sock
 
 
 async def _upgrade(
@@ -119,7 +119,7 @@ async def _upgrade(
     data = conn.send(request)
     assert data is not None
     await endpoint.send_all(data)
-    buf = memoryview(bytearray(16 * 1024))
+    buf = SCRATCH
     while True:
         try:
             event = conn.next_event()

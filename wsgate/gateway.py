@@ -48,7 +48,7 @@ from .handshake import (
     validate_upgrade,
 )
 from .logs import utc_now
-from .netio import PEER_GONE, Endpoint, RawSocket, StreamEndpoint, detach
+from .netio import PEER_GONE, SCRATCH, Endpoint, RawSocket, StreamEndpoint, detach
 from .policies import all_policies, check_subscription, pipeline
 from .policy import HandshakeContext, PairStats, Policy
 from .reactor import Reactor
@@ -440,7 +440,9 @@ class Gateway:
 
     async def _open_client(self, sock: trio.socket.SocketType) -> Endpoint:
         if self._server_ssl is None:
-            return RawSocket(detach(trio.SocketStream(sock)))
+            # Straight from the accepted socket: a SocketStream would cost syscalls for nothing.
+            # The request usually follows the connection at once: read before waiting.
+            return RawSocket(detach(sock), expect_data=True)
         tls = trio.SSLStream(trio.SocketStream(sock), self._server_ssl, server_side=True)
         await tls.do_handshake()
         return StreamEndpoint(tls)
@@ -611,7 +613,7 @@ async def _read_request(
 ) -> tuple[ClientRequest, bytes] | None:
     """Read one opening request; None if the client left without sending a byte."""
     parser = RequestParser(client_ip=caller_ip, secure=secure)
-    buf = memoryview(bytearray(8192))
+    buf = SCRATCH[:8192]
     while True:
         n = await client.recv_into(buf)
         request = parser.feed(buf[:n])

@@ -23,6 +23,11 @@ import trio
 # every few of them so one busy pair cannot starve the others.
 _FULL_READS_BEFORE_YIELD = 4
 
+#: A read buffer for the handshake and close paths, shared by every task of the
+#: process: each user consumes (copies) what it read before its next await, so
+#: no handshake pays for zeroing a buffer of its own.
+SCRATCH = memoryview(bytearray(16 * 1024))
+
 #: Errors that mean "the peer is gone" rather than "the gateway is broken".
 PEER_GONE = (ConnectionError, TimeoutError, trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -30,21 +35,24 @@ PEER_GONE = (ConnectionError, TimeoutError, trio.BrokenResourceError, trio.Close
 class RawSocket:
     """A connected, non-blocking stdlib socket used directly for relaying."""
 
-    __slots__ = ("_full_reads", "dirty", "sock")
+    __slots__ = ("_fd", "_full_reads", "_half_closed", "dirty", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, expect_data: bool = False) -> None:
+        """Wrap ``sock``; ``expect_data``: bytes are likely queued already (read, then wait)."""
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-        self._full_reads = 0
+        self._fd = sock.fileno()  # waits take the int: no fileno() call per wait
+        self._full_reads = 1 if expect_data else 0
+        self._half_closed = False
         #: True while a send was interrupted part-way: the peer may hold half a frame.
         self.dirty = False
 
     async def recv_into(self, buf: memoryview) -> int:
         """Read into ``buf``; return the count, 0 at end of stream."""
         if self._full_reads == 0:
-            await trio.lowlevel.wait_readable(self.sock)
+            await trio.lowlevel.wait_readable(self._fd)
         elif self._full_reads >= _FULL_READS_BEFORE_YIELD:
             self._full_reads = 0
             await trio.lowlevel.checkpoint()
@@ -52,10 +60,20 @@ class RawSocket:
             try:
                 n = self.sock.recv_into(buf)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                await trio.lowlevel.wait_readable(self._fd)
                 continue
             self._full_reads = self._full_reads + 1 if n == len(buf) else 0
             return n
+
+    def send_nowait(self, data: memoryview) -> int:
+        """Send what the socket takes now, without waiting; return the count.
+
+        The relay's fast path: the rest (rarely any) goes through :meth:`send_all`.
+        """
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send every byte; waits for writability only after a partial send.
@@ -73,12 +91,18 @@ class RawSocket:
         rest = memoryview(bytes(view[sent:]))
         self.dirty = True
         while rest:
-            await trio.lowlevel.wait_writable(self.sock)
+            await trio.lowlevel.wait_writable(self._fd)
             try:
                 rest = rest[self.sock.send(rest) :]
             except BlockingIOError:
                 pass
         self.dirty = False
+
+    def half_close(self) -> None:
+        """Send our FIN (nothing more will be written); reading goes on."""
+        if not self._half_closed:
+            self._half_closed = True
+            self.sock.shutdown(socket.SHUT_WR)
 
     async def close(
         self, linger: float, enough: Callable[[memoryview], bool] | None = None
@@ -91,9 +115,9 @@ class RawSocket:
         the bytes seen complete the close handshake.
         """
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            self.half_close()
             with trio.move_on_after(linger):
-                buf = memoryview(bytearray(4096))
+                buf = SCRATCH
                 while True:
                     await trio.lowlevel.wait_readable(self.sock)
                     try:
@@ -131,11 +155,18 @@ class StreamEndpoint:
         buf[: len(data)] = data
         return len(data)
 
+    def send_nowait(self, data: memoryview) -> int:
+        """Nothing: a TLS stream only sends through :meth:`send_all`."""
+        return 0
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send every byte (copied first: ``data`` may view a shared buffer)."""
         self.dirty = True
         await self.stream.send_all(bytes(data))
         self.dirty = False
+
+    def half_close(self) -> None:
+        """Nothing to do: TLS has no half-close; :meth:`close` sends close_notify."""
 
     async def close(
         self, linger: float, enough: Callable[[memoryview], bool] | None = None
@@ -169,7 +200,7 @@ def _underlying_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None
     return stream.socket if isinstance(stream, trio.SocketStream) else None
 
 
-def detach(stream: trio.SocketStream) -> socket.socket:
-    """Take the stdlib socket out of a Trio SocketStream (which is left closed)."""
-    tsock = stream.socket
+def detach(conn: trio.SocketStream | trio.socket.SocketType) -> socket.socket:
+    """Take the stdlib socket out of a Trio socket or SocketStream (which is left closed)."""
+    tsock = conn.socket if isinstance(conn, trio.SocketStream) else conn
     return socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())

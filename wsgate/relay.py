@@ -196,12 +196,15 @@ class Pair:
 
     # -- the pumps -----------------------------------------------------------------
     async def _pump(self, src: _Side, dst: _Side, initial: bytes) -> None:
-        scanner = src.scanner
         if initial:
             src.bytes_in += len(initial)
             if not await self._forward(src, dst, memoryview(initial)):
                 return
+        # The hot path: one await per chunk when the destination takes it all at once.
         recv_into = src.endpoint.recv_into
+        send_nowait = dst.endpoint.send_nowait
+        clock = trio.lowlevel.current_clock()
+        metered = src is self.client and self.limiter is not None
         buf = _shared
         while True:
             try:
@@ -212,16 +215,26 @@ class Pair:
                 self.source_ended(src)
                 return
             src.bytes_in += n
-            self.last_activity = trio.current_time()
+            self.last_activity = clock.current_time()
+            scanner = src.scanner  # looked up per chunk: a test swaps it to inject a fault
             if scanner.close_received:
                 continue  # nothing after a close frame is forwarded
-            if src is self.client and self.limiter is not None:
-                before = scanner.messages
-                if not await self._forward(src, dst, buf[:n]):
+            before = scanner.messages if metered else 0
+            count = scanner.feed(buf[:n])
+            if count:
+                try:
+                    sent = send_nowait(buf[:count])
+                    if sent < count:
+                        await dst.endpoint.send_all(buf[sent:count])
+                except PEER_GONE:
+                    dst.gone = True
+                    self.source_ended(dst)
                     return
-                if not await self._meter(scanner.messages - before, n):
-                    return
-            elif not await self._forward(src, dst, buf[:n]):
+            if (scanner.error is not None or scanner.close_received) and not self.scanned(
+                src, count
+            ):
+                return
+            if metered and not await self._meter(scanner.messages - before, n):
                 return
 
     async def _meter(self, messages: int, nbytes: int) -> bool:
@@ -303,18 +316,27 @@ class Pair:
 
     # -- the end -------------------------------------------------------------------
     async def _finish(self) -> None:
-        """Send the gateway's close frames, close both legs, log the disconnect."""
+        """Send the gateway's close frames, close both legs, log the disconnect.
+
+        Both legs are served one after the other, without tasks of their own: first
+        each gets its close frame and our FIN, then each is read until its peer
+        is done. The two waits share one deadline, so this takes no longer
+        than waiting on both at once.
+        """
         end = self.end or End.INTERNAL_ERROR
         plan = close_plan(end, reason=self._stop_reason)
         try:
             with trio.move_on_after(self.close_timeout) as scope:
                 scope.shield = True  # even when draining is cancelling us, say goodbye
-                async with trio.open_nursery() as nursery:
-                    for side, partner, code in (
-                        (self.client, self.backend, plan.to_client),
-                        (self.backend, self.client, plan.to_backend),
-                    ):
-                        nursery.start_soon(self._close_side, side, partner, code, plan.reason)
+                closing = []
+                for side, partner, code in (
+                    (self.client, self.backend, plan.to_client),
+                    (self.backend, self.client, plan.to_backend),
+                ):
+                    if await self._say_goodbye(side, partner, code, plan.reason):
+                        closing.append(side)
+                for side in closing:
+                    await self._await_peer_and_close(side)
         finally:
             self._abort_both()
         self._log_disconnect(plan)
@@ -346,10 +368,10 @@ class Pair:
         if self._on_disconnect is not None:
             self._on_disconnect(self, record)
 
-    async def _close_side(self, side: _Side, partner: _Side, code: int | None, why: str) -> None:
-        """Give ``side`` a close frame if it is owed one, then close its connection."""
+    async def _say_goodbye(self, side: _Side, partner: _Side, code: int | None, why: str) -> bool:
+        """Give ``side`` a close frame if it is owed one, then our FIN; False to abort it."""
         if side.gone:
-            return  # aborted by _finish
+            return False  # aborted by _finish
         frame: bytes | None = None
         if not partner.scanner.close_received:  # no close frame reached this side yet
             if side.scanner.close_received:
@@ -359,7 +381,19 @@ class Pair:
                 frame = build_close_frame(code, why, mask=side is self.backend)
         # Our own frame may only start where the partner's last frame ended.
         if frame is not None and (side.endpoint.dirty or not partner.scanner.at_boundary):
-            return  # aborted by _finish
+            return False  # aborted by _finish
+        try:
+            if frame is not None:
+                await side.endpoint.send_all(frame)
+            side.endpoint.half_close()
+        except OSError:  # PEER_GONE, or ENOTCONN from the half-close: it is gone
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def _await_peer_and_close(self, side: _Side) -> None:
+        """Read what ``side`` still sends until it is done, then close its connection."""
         linger, enough = self.close_timeout, None
         if side is self.client:
             # As the client's server we close first once its close frame is in
@@ -373,8 +407,6 @@ class Pair:
                 return scanner.close_received or scanner.error is not None
 
         try:
-            if frame is not None:
-                await side.endpoint.send_all(frame)
             await side.endpoint.close(linger, enough)
             side.closed = True
         except PEER_GONE:
