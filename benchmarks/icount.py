@@ -168,6 +168,35 @@ def one_run(
     return instructions(out_file)
 
 
+def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    """The markdown report of one run (``meta`` and ``results`` as saved in its JSON)."""
+    unit, plural = meta["unit"], {"echo": "echoes", "handshake": "handshakes"}[meta["unit"]]
+    short, long_ = meta["counts"]
+    names = list(results)
+    load = (
+        f"handshakes one after another (connect, one {meta['size']} B echo, close)"
+        if unit == "handshake"
+        else f"{meta['connections']} connections, {meta['size']} B messages, closed loop, depth 1"
+    )
+    repeats = max(len(results[name]["per_unit"]) for name in names)
+    lines = [
+        f"# Instructions per {unit} (valgrind callgrind)",
+        "",
+        f"- {load}; runs of {short:,} and {long_:,} {plural}, the difference divided by "
+        f"{long_ - short:,}; {repeats} measurement(s) per target, median shown.",
+        f"- Produced by `{meta['command']}`.",
+        "",
+        f"| target | instructions per {unit} | x {names[0]} | each measurement |",
+        "|:---|---:|---:|:---|",
+    ]
+    base = results[names[0]]["median"]
+    for name in names:
+        median = results[name]["median"]
+        each = ", ".join(f"{value:,.0f}" for value in results[name]["per_unit"])
+        lines.append(f"| {name} | {median:,.0f} | {median / base:.3f}x | {each} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.icount", description=__doc__)
     parser.add_argument(
@@ -219,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             backend_port = int(procs.read_line(backend, "READY"))
             for name in names:
-                per_message = []
+                per_unit = []
                 for _ in range(args.repeat):
                     low = one_run(
                         TARGETS[name], workdir, backend_port, connections, short, args.size
@@ -227,43 +256,28 @@ def main(argv: list[str] | None = None) -> int:
                     high = one_run(
                         TARGETS[name], workdir, backend_port, connections, long_, args.size
                     )
-                    per_message.append((high - low) / (long_ - short))
+                    per_unit.append((high - low) / (long_ - short))
                     print(f"{name}: {low:,} instructions for {short:,}, {high:,} for {long_:,}")
-                    print(f"{name}: {per_message[-1]:,.0f} instructions per {unit}", flush=True)
+                    print(f"{name}: {per_unit[-1]:,.0f} instructions per {unit}", flush=True)
                 results[name] = {
-                    "per_message": per_message,
-                    "median": statistics.median(per_message),
+                    "per_unit": per_unit,
+                    "median": statistics.median(per_unit),
                 }
         finally:
             procs.kill_all()
-    base = results[names[0]]["median"]
-    load = (
-        f"handshakes one after another (connect, one {args.size} B echo, close)"
-        if args.handshakes
-        else f"{args.connections} connections, {args.size} B messages, closed loop, depth 1"
-    )
-    lines = [
-        f"# Instructions per {unit} (valgrind callgrind)",
-        "",
-        f"- {load}; runs of {short:,} and {long_:,} {unit}s, "
-        f"the difference divided by {long_ - short:,}; "
-        f"{args.repeat} measurement(s) per target, median shown.",
-        f"- Produced by `python -m benchmarks.icount {' '.join(argv or sys.argv[1:])}`.".replace(
-            "  ", " "
-        ),
-        "",
-        f"| target | instructions per {unit} | x {names[0]} |",
-        "|:---|---:|---:|",
-    ]
-    for name in names:
-        median = results[name]["median"]
-        lines.append(f"| {name} | {median:,.0f} | {median / base:.3f}x |")
-    report = "\n".join(lines) + "\n"
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {
+        "unit": unit,
+        "connections": connections,
+        "size": args.size,
+        "counts": [short, long_],
+        "command": f"python -m benchmarks.icount {command}".strip(),
+    }
+    report = render(meta, results)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "icount-handshakes" if args.handshakes else "icount"
     (args.out / f"{stem}.md").write_text(report)
-    meta = {"unit": unit, "connections": connections, "size": args.size, "counts": [short, long_]}
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 

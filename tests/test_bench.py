@@ -262,3 +262,15 @@ async def test_icount_drivers_echo_through_a_real_gateway(
     # Every message the drivers sent was relayed, and every echo came back (checked inside).
     assert sum(entry["messages_from_client"] for entry in disconnects) == 30 + 4
     assert sum(entry["messages_from_backend"] for entry in disconnects) == 30 + 4
+
+
+def test_icount_report_shows_medians_ratios_and_every_measurement() -> None:
+    meta = {"unit": "echo", "connections": 10, "size": 32, "counts": [1000, 3000], "command": "x"}
+    results = {
+        "wsgate": {"per_unit": [100.0, 104.0, 98.0], "median": 100.0},
+        "wsgate-metrics": {"per_unit": [103.0, 101.0, 102.0], "median": 102.0},
+    }
+    report = icount.render(meta, results)
+    assert "runs of 1,000 and 3,000 echoes, the difference divided by 2,000" in report
+    assert "| wsgate | 100 | 1.000x | 100, 104, 98 |" in report
+    assert "| wsgate-metrics | 102 | 1.020x | 103, 101, 102 |" in report
