@@ -220,7 +220,7 @@ class FrameScanner:
         # Payload bytes of the current data frame still to come.
         self._remaining = 0
         # Leading bytes of a header that was cut by the end of a chunk.
-        self._header = bytearray()
+        self._header = b""  # a header cut by the end of a chunk (b"": a shared empty object)
         # A close frame whose payload was cut by the end of a chunk.
         self._close_buf: bytearray | None = None
         self._close_key: bytes | None = None
@@ -392,7 +392,7 @@ class FrameScanner:
             if err is not None:
                 self._stop(err, boundary=True)
                 return pos
-            self._header = bytearray(tail)
+            self._header = tail
         return n
 
     def _finish_header(self, data: bytes | bytearray | memoryview, n: int) -> int:
@@ -405,9 +405,9 @@ class FrameScanner:
             if err is not None:
                 self._stop(err, boundary=False)
                 return 0
-            self._header += data
+            self._header += bytes(data)
             return n
-        self._header = bytearray()
+        self._header = b""
         end = self._scan(probe, 0, need)
         if self.error is not None:
             self._stop_boundary = False
@@ -470,7 +470,7 @@ class FrameScanner:
         self.error = err
         self._stopped = True
         self._stop_boundary = boundary
-        self._header = bytearray()
+        self._header = b""
         self._close_buf = None
         self._remaining = 0
 
