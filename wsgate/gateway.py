@@ -55,6 +55,9 @@ from .reactor import Reactor
 from .relay import Pair
 from .routing import Router
 
+#: The name of every connection task (see ``trio.lowlevel.current_task().name``).
+_TASK_NAME = "wsgate.connection"
+
 #: Seconds a client refused for capacity is told to wait before retrying.
 RETRY_AFTER = 1
 
@@ -125,7 +128,7 @@ class _Opened:
     It is also the capacity limiter's borrower token for the pair's slot.
     """
 
-    cleanups: list[Callable[[PairStats], None]]
+    cleanups: tuple[Callable[[PairStats], None], ...]
     log: Any
     client_initial: bytes = b""  # bytes the client sent behind its request
     backend_initial: bytes = b""  # bytes the backend sent behind its 101
@@ -325,7 +328,8 @@ class Gateway:
                     await self._refuse_for_fds(listener)
                     reserve = _reopen_reserve()
                     continue
-                self._connections.start_soon(self._serve_client, sock, address)
+                # A constant name: Trio would otherwise format one string per task.
+                self._connections.start_soon(self._serve_client, sock, address, name=_TASK_NAME)
         finally:
             if reserve is not None:
                 os.close(reserve)
@@ -518,7 +522,8 @@ class Gateway:
                     raise
             if self._draining:
                 raise HandshakeRejected(503, "gateway is shutting down", reason="Draining")
-            slot = _Opened(cleanups=ctx.cleanups, log=log, client_initial=trailing)
+            # A tuple: usually empty, and the empty tuple costs an idle pair nothing.
+            slot = _Opened(cleanups=tuple(ctx.cleanups), log=log, client_initial=trailing)
             try:
                 self._limiter.acquire_on_behalf_of_nowait(slot)
             except trio.WouldBlock:

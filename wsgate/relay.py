@@ -37,6 +37,7 @@ _shared = memoryview(bytearray(CHUNK))
 
 CLIENT = "client"
 BACKEND = "backend"
+_PUMP_NAMES = ("wsgate.pump.from_client", "wsgate.pump.from_backend")
 
 
 def _abort_at_once(_: object) -> trio.lowlevel.Abort:
@@ -175,8 +176,13 @@ class Pair:
                     if self._deadline is not None:
                         nursery.start_soon(self._watch_deadline)
                     if self._reactor is None:
-                        nursery.start_soon(self._pump, self.client, self.backend, client_initial)
-                        nursery.start_soon(self._pump, self.backend, self.client, backend_initial)
+                        pump, names = self._pump, _PUMP_NAMES  # constant names: no string per task
+                        nursery.start_soon(
+                            pump, self.client, self.backend, client_initial, name=names[0]
+                        )
+                        nursery.start_soon(
+                            pump, self.backend, self.client, backend_initial, name=names[1]
+                        )
                     else:
                         # The reactor pumps; this task owns the pair until it ends
                         # (waiting here itself: a task of its own would cost memory).
