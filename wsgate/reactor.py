@@ -39,7 +39,7 @@ _BATCH = 256
 class _Leg:
     """A registered socket: which pair, which side reads from it, which side it feeds."""
 
-    __slots__ = ("fd", "mask", "pair", "peer", "pending", "scanned", "side", "sock")
+    __slots__ = ("fd", "mask", "out", "pair", "peer", "pending", "scanned", "side", "sock")
 
     def __init__(self, pair: Pair, side: _Side, peer: _Side) -> None:
         assert isinstance(side.endpoint, RawSocket)
@@ -49,6 +49,7 @@ class _Leg:
         self.sock = side.endpoint.sock
         self.fd = self.sock.fileno()
         self.mask = 0  # what epoll watches for this fd (0: not registered)
+        self.out: _Leg = self  # the peer's leg, where our bytes go (set by Reactor.add)
         self.pending: memoryview | None = None  # bytes still to send *to* this socket
         self.scanned = 0  # forwarded-byte count the pair hears of once pending is out
 
@@ -75,6 +76,7 @@ class Reactor:
         """Start pumping ``pair``; bytes read during the handshake go first."""
         client = _Leg(pair, pair.client, pair.backend)
         backend = _Leg(pair, pair.backend, pair.client)
+        client.out, backend.out = backend, client
         self._legs[client.fd] = client
         self._legs[backend.fd] = backend
         for leg, initial in ((client, client_initial), (backend, backend_initial)):
@@ -139,9 +141,10 @@ class Reactor:
     def _forward(self, leg: _Leg, data: memoryview) -> bool:
         """Scan ``data`` read from ``leg`` and send it to the peer; False if the pair ended."""
         pair = leg.pair
-        count = leg.side.scanner.feed(data)
+        scanner = leg.side.scanner
+        count = scanner.feed(data)
         if count:
-            out = self._legs[_fd(leg.peer)]
+            out = leg.out
             try:
                 sent = out.sock.send(data[:count])
             except BlockingIOError:
@@ -160,7 +163,10 @@ class Reactor:
                 self._watch(leg)
                 self._watch(out)
                 return True
-        if not pair.scanned(leg.side, count):
+        # Only a protocol error or a close frame can change the pair's course.
+        if (scanner.error is not None or scanner.close_received) and not pair.scanned(
+            leg.side, count
+        ):
             self._drop(pair)
             return False
         return True
@@ -181,7 +187,7 @@ class Reactor:
             return
         out.pending = None
         out.side.endpoint.dirty = False
-        source = self._legs[_fd(out.peer)]
+        source = out.out
         if not out.pair.scanned(source.side, out.scanned):
             self._drop(out.pair)
             return
@@ -191,8 +197,8 @@ class Reactor:
     # -- registrations -----------------------------------------------------------------
     def _watch(self, leg: _Leg) -> None:
         """Register for what ``leg`` needs now: read unless its peer holds our bytes."""
-        peer = self._legs.get(_fd(leg.peer))
-        mask = (0 if peer is not None and peer.pending else _IN) | (_OUT if leg.pending else 0)
+        peer = leg.out
+        mask = (0 if peer.pending else _IN) | (_OUT if leg.pending else 0)
         if mask == leg.mask:
             return
         # An fd watched for nothing would still report HUP/ERR forever: unregister it.
