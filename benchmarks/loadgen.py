@@ -93,9 +93,9 @@ class RunState:
         self.draining = 0
         self.drained: asyncio.Event | None = None
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, step: str = "") -> None:
         self.connect_failed += 1
-        text = f"{type(exc).__name__}: {exc}"[:200]
+        text = f"{step + ': ' if step else ''}{type(exc).__name__}: {exc}"[:200]
         if len(self.examples) < 3 and text not in self.examples:
             self.examples.append(text)
 
@@ -389,16 +389,19 @@ async def handshakes(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
         while time.monotonic() < timing["measure_to"]:
             began = time.perf_counter_ns()
             client: Client | None = None
+            step = "connect"  # which step failed, for the report
             try:
                 _, client = await _connect(url, lambda: Client(state, size, 1), ctx)
+                step = "echo"
                 client.echoed = loop.create_future()
                 client.send_one()
                 await asyncio.wait_for(client.echoed, CONNECT_TIMEOUT)
+                step = "close"
                 client.close()
                 assert client.transport is not None
                 await asyncio.wait_for(client.transport.wait_disconnected(), CLOSE_TIMEOUT)
             except Exception as exc:
-                state.failed(exc)
+                state.failed(exc, step)
                 if client is not None and client.transport is not None:
                     client.transport.disconnect(graceful=False)
                 await asyncio.sleep(0.01)
