@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -623,3 +624,40 @@ async def test_wss_backend_with_untrusted_ca_gets_502(
     assert record["last_error_reason"] == "BackendConnectionFailure"
     assert "TLS verification failed" in record["last_error_message"]
     assert "issuer" in record["last_error_message"]  # unable to get local issuer certificate
+
+
+@pytest.mark.parametrize("close_code", [1000, 0], ids=["close-1000", "invalid-close-0"])
+async def test_wss_client_gets_close_notify_after_its_close(
+    nursery: trio.Nursery, echo_url: str, tmp_path: Path, close_code: int
+) -> None:
+    # The gateway closes first once the client's close frame is in (its own
+    # linger is 0), and over TLS it still sends close_notify: a client
+    # waiting for the end of the connection sees a clean TLS EOF rather than
+    # a bare TCP close, which one client library here sometimes missed for
+    # seconds. Code 0 is refused (1002) and must end just as cleanly.
+    ca = trustme.CA()
+    chain, key = write_cert(ca.issue_cert("127.0.0.1"), tmp_path)
+    gw = await start_gateway(
+        nursery, echo_url, tls={"certificate": str(chain), "private_key": str(key)}
+    )
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    tcp = await trio.open_tcp_stream("127.0.0.1", gw.addresses[0][1])
+    tls = trio.SSLStream(tcp, client_context, server_hostname="127.0.0.1")
+    key = base64.b64encode(os.urandom(16)).decode()
+    await tls.send_all(
+        f"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await tls.receive_some(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    frames = head.split(b"\r\n\r\n", 1)[1]
+    await tls.send_all(b"\x88\x82\0\0\0\0" + close_code.to_bytes(2, "big"))  # masked, key 0
+    while chunk := await tls.receive_some(4096):  # BrokenResourceError without close_notify
+        frames += chunk
+    expected = 1000 if close_code == 1000 else 1002
+    assert frames[:4] == b"\x88" + bytes([len(frames) - 2]) + expected.to_bytes(2, "big")
+    await tls.aclose()
