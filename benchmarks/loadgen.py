@@ -41,7 +41,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from .backend import frame_header
 from .procs import die_with_parent, raise_nofile
@@ -231,7 +231,9 @@ class Client(WSListener):
         self.closing = True
         self.out = bytearray()
         if self.transport is not None and not self.gone:
-            self.transport.send_close()
+            # 1000: picows' default close code is 0, which no endpoint may send
+            # (RFC 6455 7.4.2); the gateway rightly refused it with 1002.
+            self.transport.send_close(WSCloseCode.OK)
             self.transport.disconnect()
 
 
