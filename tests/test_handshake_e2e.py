@@ -661,3 +661,36 @@ async def test_wss_client_gets_close_notify_after_its_close(
     expected = 1000 if close_code == 1000 else 1002
     assert frames[:4] == b"\x88" + bytes([len(frames) - 2]) + expected.to_bytes(2, "big")
     await tls.aclose()
+
+
+async def test_handshakes_in_progress_counts_requests_not_yet_read(nursery: trio.Nursery) -> None:
+    # docs/metrics.md: wsgate_handshakes_in_progress is the accepted connections
+    # whose upgrade request has not been read yet; a request waiting on a slow
+    # backend is past that point.
+    answer = trio.Event()
+
+    async def slow_backend(
+        request: BackendRequest, stream: trio.SocketStream, early: bytes
+    ) -> None:
+        await answer.wait()
+        await stream.send_all(accept_response(request))
+        await read_all(stream)
+
+    backend = await scripted_backend(nursery, slow_backend)
+    gw = await start_gateway(nursery, backend.url)
+    silent = await trio.open_tcp_stream("127.0.0.1", port_of(gw))
+    await wait_until(lambda: gw.stats().handshakes_in_progress == 1)
+    connecting = await trio.open_tcp_stream("127.0.0.1", port_of(gw))
+    await connecting.send_all(
+        b"GET /echo HTTP/1.1\r\nHost: gateway.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await wait_until(lambda: len(backend.requests) == 1)  # waiting on the backend now
+    assert gw.stats().handshakes_in_progress == 1  # only the silent one
+    answer.set()
+    response, _ = await read_response(connecting)
+    assert response.status == 101
+    await silent.aclose()
+    await connecting.aclose()
+    await wait_until(lambda: gw.stats().handshakes_in_progress == 0)

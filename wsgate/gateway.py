@@ -389,7 +389,8 @@ class Gateway:
         log = self._log.bind(correlation_id=record.correlation_id)
         client: Endpoint | None = None
         handed_over = False
-        self._handshaking += 1
+        self._handshaking += 1  # until the request is read (wsgate_handshakes_in_progress)
+        counted = True
         try:
             with trio.fail_after(self.config.gateway.handshake_timeout):
                 client = await self._open_client(sock)
@@ -399,6 +400,8 @@ class Gateway:
             request, trailing = read
             record.method = request.method
             record.url = redact_target(request.target)
+            self._handshaking -= 1
+            counted = False
             opened = await self._broker(client, request, trailing, record, log)
             handed_over = True  # the pair owns the connection now
             return opened
@@ -433,7 +436,8 @@ class Gateway:
                     detail=repr(exc),
                 )
         finally:
-            self._handshaking -= 1
+            if counted:
+                self._handshaking -= 1
             if handed_over:
                 pass
             elif client is not None:
