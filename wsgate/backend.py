@@ -23,7 +23,7 @@ from .handshake import (
     check_backend_101,
     describe_http_error,
 )
-from .netio import SCRATCH, Endpoint, RawSocket, StreamEndpoint, detach
+from .netio import SHARED_BUFFER, Endpoint, RawSocket, StreamEndpoint, detach
 
 #: At most this much of a refusing backend's body is relayed to the client.
 MAX_REJECTION_BODY = 64 * 1024
@@ -119,7 +119,7 @@ async def _upgrade(
     data = conn.send(request)
     assert data is not None
     await endpoint.send_all(data)
-    buf = SCRATCH
+    buf = SHARED_BUFFER[: 16 * 1024]
     while True:
         try:
             event = conn.next_event()

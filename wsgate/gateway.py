@@ -48,7 +48,7 @@ from .handshake import (
     validate_upgrade,
 )
 from .logs import utc_now
-from .netio import PEER_GONE, SCRATCH, Endpoint, RawSocket, StreamEndpoint, detach
+from .netio import PEER_GONE, SHARED_BUFFER, Endpoint, RawSocket, StreamEndpoint, detach
 from .policies import all_policies, check_subscription, pipeline
 from .policy import HandshakeContext, PairStats, Policy
 from .reactor import Reactor
@@ -622,7 +622,7 @@ async def _read_request(
 ) -> tuple[ClientRequest, bytes] | None:
     """Read one opening request; None if the client left without sending a byte."""
     parser = RequestParser(client_ip=caller_ip, secure=secure)
-    buf = SCRATCH[:8192]
+    buf = SHARED_BUFFER[:8192]
     while True:
         n = await client.recv_into(buf)
         request = parser.feed(buf[:n])

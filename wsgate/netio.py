@@ -23,10 +23,12 @@ import trio
 # every few of them so one busy pair cannot starve the others.
 _FULL_READS_BEFORE_YIELD = 4
 
-#: A read buffer for the handshake and close paths, shared by every task of the
-#: process: each user consumes (copies) what it read before its next await, so
-#: no handshake pays for zeroing a buffer of its own.
-SCRATCH = memoryview(bytearray(16 * 1024))
+#: The one read buffer of the process, shared by every reader: the relay's pumps
+#: (tasks and reactor), handshake reads and close drains. The rule that makes
+#: sharing safe: whoever reads into it consumes or copies those bytes before its
+#: next await (the endpoints copy any unsent tail before waiting). 256 KiB: a
+#: 64 KiB message and its header in one read; nobody zeroes a buffer per read.
+SHARED_BUFFER = memoryview(bytearray(256 * 1024))
 
 #: Errors that mean "the peer is gone" rather than "the gateway is broken".
 PEER_GONE = (ConnectionError, TimeoutError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -117,7 +119,7 @@ class RawSocket:
         try:
             self.half_close()
             with trio.move_on_after(linger):
-                buf = SCRATCH
+                buf = SHARED_BUFFER[: 16 * 1024]
                 while True:
                     await trio.lowlevel.wait_readable(self.sock)
                     try:

@@ -8,7 +8,7 @@ closed by their owner as with the "tasks" engine. Only the byte pump moves.
 The pump is a single Trio task that waits for the readiness of a private,
 level-triggered epoll holding every relayed socket, and then serves a whole
 batch of ready sockets without going back through Trio's scheduler for each:
-``recv_into`` a shared buffer, let the pair's frame scanner vouch for the
+``recv_into`` the process's shared buffer, let the pair's frame scanner vouch for the
 bytes, ``send`` them on. When a send is short, the rest waits for the
 destination's writability and the source is not read meanwhile (backpressure:
 at most one chunk is ever held per direction).
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from .netio import RawSocket
+from .netio import SHARED_BUFFER, RawSocket
 
 if TYPE_CHECKING:
     from .relay import Pair, _Side
@@ -57,10 +57,9 @@ class _Leg:
 class Reactor:
     """The epoll pump of one process; start :meth:`run` once, then :meth:`add` pairs."""
 
-    def __init__(self, chunk: int = 256 * 1024) -> None:
+    def __init__(self) -> None:
         self._epoll = select.epoll()
         self._legs: dict[int, _Leg] = {}
-        self._buf = memoryview(bytearray(chunk))
         self._log = structlog.get_logger("wsgate.reactor")
 
     @staticmethod
@@ -122,7 +121,7 @@ class Reactor:
     # -- per socket --------------------------------------------------------------------
     def _read(self, leg: _Leg, now: float) -> None:
         try:
-            n = leg.sock.recv_into(self._buf)
+            n = leg.sock.recv_into(SHARED_BUFFER)
         except BlockingIOError:
             return
         except OSError:
@@ -136,7 +135,7 @@ class Reactor:
         pair.last_activity = now
         if leg.side.scanner.close_received:
             return  # nothing after a close frame is forwarded
-        self._forward(leg, self._buf[:n])
+        self._forward(leg, SHARED_BUFFER[:n])
 
     def _forward(self, leg: _Leg, data: memoryview) -> bool:
         """Scan ``data`` read from ``leg`` and send it to the peer; False if the pair ended."""

@@ -6,10 +6,10 @@ the end of either side cancels everything deterministically; then it sends the
 gateway's own close frames (decided by :func:`wsgate.closing.close_plan`) and
 closes both legs.
 
-Per chunk the hot path is: ``recv_into`` a buffer shared by the process, let
-the sans-io :class:`~wsgate.frames.FrameScanner` vouch for the bytes, send
-them on unchanged. No task awaits while the shared buffer holds bytes it still
-needs: the endpoints copy any unsent tail before waiting.
+Per chunk the hot path is: ``recv_into`` the buffer shared by the process
+(:data:`wsgate.netio.SHARED_BUFFER`, and its rule), let the sans-io
+:class:`~wsgate.frames.FrameScanner` vouch for the bytes, send them on
+unchanged.
 """
 
 from __future__ import annotations
@@ -25,15 +25,11 @@ from .closing import ABNORMAL, NO_STATUS, ClosePlan, End, close_plan
 from .errors import MessageTooBig
 from .frames import FrameScanner, build_close_frame
 from .logs import utc_now
-from .netio import PEER_GONE, Endpoint
+from .netio import PEER_GONE, SHARED_BUFFER, Endpoint
 from .policy import MessageLimiter, PairStats
 
 if TYPE_CHECKING:
     from .reactor import Reactor
-
-#: One read at most; shared by every pump of the process (see module docstring).
-CHUNK = 256 * 1024  # a 64 KiB message and its header in one read
-_shared = memoryview(bytearray(CHUNK))
 
 CLIENT = "client"
 BACKEND = "backend"
@@ -216,7 +212,7 @@ class Pair:
         send_nowait = dst.endpoint.send_nowait
         clock = trio.lowlevel.current_clock()
         metered = src is self.client and self.limiter is not None
-        buf = _shared
+        buf = SHARED_BUFFER
         while True:
             try:
                 n = await recv_into(buf)
