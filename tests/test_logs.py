@@ -159,16 +159,17 @@ async def test_refused_handshake_logs_the_error_and_no_disconnect(
 
 
 async def test_unreachable_backend_logs_502_with_its_source(nursery: trio.Nursery) -> None:
-    # A port nothing listens on: bind one, then close it.
+    # A port nothing listens on: bound but not listening, and held for the whole
+    # test (a closed one could be taken meanwhile; it failed once in a suite run).
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with capture_logs() as logs:
-        gw = await start_gateway(nursery, f"ws://127.0.0.1:{port}/echo")
-        client = await RawClient.connect(gw.addresses[0][1], "/echo")
-        await client.aclose()
-        assert client.response is not None and client.response.status == 502
-        await wait_for(logs, "handshake")
+        with capture_logs() as logs:
+            gw = await start_gateway(nursery, f"ws://127.0.0.1:{port}/echo")
+            client = await RawClient.connect(gw.addresses[0][1], "/echo")
+            await client.aclose()
+            assert client.response is not None and client.response.status == 502
+            await wait_for(logs, "handshake")
 
     handshake = only(logs, "handshake")
     assert handshake["response_code"] == 502
