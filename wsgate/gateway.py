@@ -121,18 +121,16 @@ class _HandshakeLog:
             observer.handshake(record)
 
 
-@attrs.define(eq=False)  # hashed by identity: it is the limiter's borrower token
+@attrs.frozen
 class _Opened:
-    """A pair past its 101, and what its connection task needs once relaying ends.
+    """A pair past its 101, and what its connection task needs once relaying ends."""
 
-    It is also the capacity limiter's borrower token for the pair's slot.
-    """
-
+    pair: Pair
+    slot: object  # the capacity limiter's borrower token
     cleanups: tuple[Callable[[PairStats], None], ...]
     log: Any
-    client_initial: bytes = b""  # bytes the client sent behind its request
-    backend_initial: bytes = b""  # bytes the backend sent behind its 101
-    pair: Pair = attrs.field(default=None)
+    client_initial: bytes  # bytes the client sent behind its request
+    backend_initial: bytes  # bytes the backend sent behind its 101
 
 
 class Observer(Protocol):
@@ -376,7 +374,7 @@ class Gateway:
             await pair.run(opened.client_initial, opened.backend_initial)
         finally:
             del self._pairs[pair.correlation_id]
-            self._limiter.release_on_behalf_of(opened)
+            self._limiter.release_on_behalf_of(opened.slot)
             _run_cleanups(opened.cleanups, pair.stats(), opened.log)
 
     async def _handshake(self, sock: trio.socket.SocketType, address: Any) -> _Opened | None:
@@ -438,12 +436,11 @@ class Gateway:
         finally:
             if counted:
                 self._handshaking -= 1
-            if handed_over:
-                pass
-            elif client is not None:
-                client.abort()
-            elif sock.fileno() != -1:
-                sock.close()
+            if not handed_over:
+                if client is not None:
+                    client.abort()
+                elif sock.fileno() != -1:
+                    sock.close()
         return None
 
     async def _open_client(self, sock: trio.socket.SocketType) -> Endpoint:
@@ -526,8 +523,7 @@ class Gateway:
                     raise
             if self._draining:
                 raise HandshakeRejected(503, "gateway is shutting down", reason="Draining")
-            # A tuple: usually empty, and the empty tuple costs an idle pair nothing.
-            slot = _Opened(cleanups=tuple(ctx.cleanups), log=log, client_initial=trailing)
+            slot = object()
             try:
                 self._limiter.acquire_on_behalf_of_nowait(slot)
             except trio.WouldBlock:
@@ -538,11 +534,19 @@ class Gateway:
                     headers=[("Retry-After", str(RETRY_AFTER))],
                 ) from None
             try:
-                await self._connect(client, ctx, upgrade, record, log, slot)
+                pair, backend_initial = await self._connect(client, ctx, upgrade, record, log)
             except BaseException:
                 self._limiter.release_on_behalf_of(slot)
                 raise
-            opened = slot
+            opened = _Opened(
+                pair=pair,
+                slot=slot,
+                # A tuple: usually empty, and the empty tuple costs an idle pair nothing.
+                cleanups=tuple(ctx.cleanups),
+                log=log,
+                client_initial=trailing,
+                backend_initial=backend_initial,
+            )
             return opened
         finally:
             if opened is None:
@@ -556,9 +560,11 @@ class Gateway:
         upgrade: Any,
         record: _HandshakeLog,
         log: Any,
-        slot: _Opened,
-    ) -> None:
-        """Open the backend, answer the client 101, log the handshake and make the pair."""
+    ) -> tuple[Pair, bytes]:
+        """Open the backend, answer 101 and log the handshake.
+
+        Returns the new pair and the bytes the backend sent behind its 101.
+        """
         api: ApiConfig = ctx.api
         target = ctx.backend_target
         backend_scheme = "wss" if ctx.backend.secure else "ws"
@@ -584,8 +590,7 @@ class Gateway:
         record.response_code = 101
         record.subprotocol = backend.accept.subprotocol
         record.emit(log, self._observers)
-        slot.backend_initial = backend.trailing
-        slot.pair = Pair(
+        pair = Pair(
             correlation_id=record.correlation_id,
             api=api.name,
             caller_ip=record.caller_ip_address,
@@ -604,6 +609,7 @@ class Gateway:
             on_disconnect=self._disconnected if self._observers else None,
             reactor=self._reactor,
         )
+        return pair, backend.trailing
 
 
 def _run_cleanups(
