@@ -128,7 +128,6 @@ class _Opened:
     pair: Pair
     slot: object  # the capacity limiter's borrower token
     cleanups: tuple[Callable[[PairStats], None], ...]
-    log: Any
     client_initial: bytes  # bytes the client sent behind its request
     backend_initial: bytes  # bytes the backend sent behind its 101
 
@@ -375,7 +374,7 @@ class Gateway:
         finally:
             del self._pairs[pair.correlation_id]
             self._limiter.release_on_behalf_of(opened.slot)
-            _run_cleanups(opened.cleanups, pair.stats(), opened.log)
+            _run_cleanups(opened.cleanups, pair.stats(), pair.log)
 
     async def _handshake(self, sock: trio.socket.SocketType, address: Any) -> _Opened | None:
         """Read the request, run onHandshake, open the backend and answer 101.
@@ -543,7 +542,6 @@ class Gateway:
                 slot=slot,
                 # A tuple: usually empty, and the empty tuple costs an idle pair nothing.
                 cleanups=tuple(ctx.cleanups),
-                log=log,
                 client_initial=trailing,
                 backend_initial=backend_initial,
             )
@@ -600,7 +598,7 @@ class Gateway:
             allow_rsv=backend.accept.extensions is not None,
             idle_timeout=api.idle_timeout,
             close_timeout=self.config.gateway.close_timeout,
-            log=log,
+            log=self._log,
             deadline=None
             if ctx.deadline is None
             else trio.current_time() + (ctx.deadline - time.time()),

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
-
-# Back-to-back full reads skip waiting for readability; yield to the scheduler
-# every few of them so one busy pair cannot starve the others.
-_FULL_READS_BEFORE_YIELD = 4
 
 #: The one read buffer of the process, shared by every reader: the relay's pumps
 #: (tasks and reactor), handshake reads and close drains. The rule that makes
@@ -37,7 +33,7 @@ PEER_GONE = (ConnectionError, TimeoutError, trio.BrokenResourceError, trio.Close
 class RawSocket:
     """A connected, non-blocking stdlib socket used directly for relaying."""
 
-    __slots__ = ("_fd", "_full_reads", "_half_closed", "dirty", "sock")
+    __slots__ = ("_fd", "_half_closed", "_wait_first", "dirty", "sock")
 
     def __init__(self, sock: socket.socket, *, expect_data: bool = False) -> None:
         """Wrap ``sock``; ``expect_data``: bytes are likely queued already (read, then wait)."""
@@ -46,26 +42,38 @@ class RawSocket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._fd = sock.fileno()  # waits take the int: no fileno() call per wait
-        self._full_reads = 1 if expect_data else 0
+        self._wait_first = not expect_data
         self._half_closed = False
         #: True while a send was interrupted part-way: the peer may hold half a frame.
         self.dirty = False
 
+    def recv_nowait(self, buf: memoryview) -> int:
+        """Read what is queued into ``buf``: the count, 0 at end of stream, -1 if nothing is."""
+        try:
+            return self.sock.recv_into(buf)
+        except BlockingIOError:
+            return -1
+
+    def wait_readable(self) -> Awaitable[None]:
+        """Wait until :meth:`recv_nowait` has something to return.
+
+        A plain function handing back Trio's own wait: a pump parked here holds
+        no coroutine frame of ours, which is memory per idle pair.
+        """
+        return trio.lowlevel.wait_readable(self._fd)  # noqa: ASYNC105 (awaited by the caller)
+
     async def recv_into(self, buf: memoryview) -> int:
-        """Read into ``buf``; return the count, 0 at end of stream."""
-        if self._full_reads == 0:
+        """Read into ``buf``, waiting as needed; the count, 0 at end of stream.
+
+        For the handshake's few reads. A read that came up short means the next
+        one would most likely fail with EAGAIN, so it waits first instead.
+        """
+        if self._wait_first:
             await trio.lowlevel.wait_readable(self._fd)
-        elif self._full_reads >= _FULL_READS_BEFORE_YIELD:
-            self._full_reads = 0
-            await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                n = self.sock.recv_into(buf)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                continue
-            self._full_reads = self._full_reads + 1 if n == len(buf) else 0
-            return n
+        while (n := self.recv_nowait(buf)) < 0:
+            await trio.lowlevel.wait_readable(self._fd)
+        self._wait_first = n < len(buf)
+        return n
 
     def send_nowait(self, data: memoryview) -> int:
         """Send what the socket takes now, without waiting; return the count.
@@ -145,17 +153,36 @@ class RawSocket:
 class StreamEndpoint:
     """Any Trio stream (a TLS leg) behind the same interface as :class:`RawSocket`."""
 
-    __slots__ = ("dirty", "stream")
+    __slots__ = ("_eof", "_pending", "dirty", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.dirty = False
+        # What wait_readable() received and recv_nowait() has not handed out yet.
+        self._pending = memoryview(b"")
+        self._eof = False
+
+    def recv_nowait(self, buf: memoryview) -> int:
+        """Hand out what :meth:`wait_readable` received: the count, 0 at end, -1 if none."""
+        if not self._pending:
+            return 0 if self._eof else -1
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    async def wait_readable(self) -> None:
+        """Receive the next chunk (a stream cannot be read without waiting)."""
+        if not self._pending and not self._eof:
+            data = await self.stream.receive_some(len(SHARED_BUFFER))
+            self._pending = memoryview(data)
+            self._eof = not data
 
     async def recv_into(self, buf: memoryview) -> int:
-        """Read into ``buf``; return the count, 0 at end of stream."""
-        data = await self.stream.receive_some(len(buf))
-        buf[: len(data)] = data
-        return len(data)
+        """Read into ``buf``, waiting as needed; the count, 0 at end of stream."""
+        while (n := self.recv_nowait(buf)) < 0:
+            await self.wait_readable()
+        return n
 
     def send_nowait(self, data: memoryview) -> int:
         """Nothing: a TLS stream only sends through :meth:`send_all`."""

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 CLIENT = "client"
 BACKEND = "backend"
+# Back-to-back full reads skip waiting for readability; yield to the scheduler
+# every few of them so one busy pair cannot starve the others.
+_FULL_READS_BEFORE_YIELD = 4
+
 _PUMP_NAMES = ("wsgate.pump.from_client", "wsgate.pump.from_backend")
 
 
@@ -73,7 +77,7 @@ class Pair:
         allow_rsv: bool,
         idle_timeout: float,
         close_timeout: float,
-        log: structlog.typing.FilteringBoundLogger,
+        log: structlog.typing.FilteringBoundLogger,  # the gateway's: see Pair.log
         deadline: float | None = None,
         deadline_reason: str = "",
         limiter: MessageLimiter | None = None,
@@ -103,12 +107,21 @@ class Pair:
         # The nursery's own cancel scope, once run() has opened it (a scope of
         # the pair's own would cost memory per pair).
         self._scope: trio.CancelScope | None = None
-        self._log = log
+        self._gateway_log = log
         self._deadline = deadline  # trio time at which a policy ends the pair (1008)
         self._deadline_reason = deadline_reason
         self.limiter = limiter
         self._reactor = reactor if reactor is not None and reactor.accepts(self) else None
         self._on_disconnect = on_disconnect
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """This pair's logger: the gateway's, bound to the connection.
+
+        Bound when something is logged rather than held: a bound logger costs
+        each idle pair about 280 bytes, and a pair logs once or twice.
+        """
+        return self._gateway_log.bind(correlation_id=self.correlation_id, api_id=self.api)
 
     # -- live statistics -------------------------------------------------------------
     @property
@@ -189,7 +202,7 @@ class Pair:
                 self.end = End.CLOSE_TIMEOUT
             cut = False
         except Exception:
-            self._log.exception("relay_failed")
+            self.log.exception("relay_failed")
             self.end = End.INTERNAL_ERROR
             cut = False
         finally:
@@ -207,20 +220,29 @@ class Pair:
             src.bytes_in += len(initial)
             if not await self._forward(src, dst, memoryview(initial)):
                 return
-        # The hot path: one await per chunk when the destination takes it all at once.
-        recv_into = src.endpoint.recv_into
-        send_nowait = dst.endpoint.send_nowait
+        # The hot path: per chunk one wait, one recv and one send when the
+        # destination takes it all. The waits are Trio's own, awaited right here:
+        # an idle pump holds no frame but this one.
+        endpoint, out = src.endpoint, dst.endpoint
         clock = trio.lowlevel.current_clock()
         metered = src is self.client and self.limiter is not None
         buf = SHARED_BUFFER
+        full_reads = 0  # back-to-back reads that filled buf: more is likely queued
         while True:
             try:
-                n = await recv_into(buf)
+                if full_reads == 0:
+                    await endpoint.wait_readable()  # a short read drained it: skip an EAGAIN
+                elif full_reads >= _FULL_READS_BEFORE_YIELD:
+                    full_reads = 0
+                    await trio.lowlevel.checkpoint()  # a busy pair must not starve the others
+                while (n := endpoint.recv_nowait(buf)) < 0:
+                    await endpoint.wait_readable()
             except PEER_GONE:
                 n = 0
             if n == 0:
                 self.source_ended(src)
                 return
+            full_reads = full_reads + 1 if n == len(buf) else 0
             src.bytes_in += n
             self.last_activity = clock.current_time()
             scanner = src.scanner  # looked up per chunk: a test swaps it to inject a fault
@@ -230,9 +252,9 @@ class Pair:
             count = scanner.feed(buf[:n])
             if count:
                 try:
-                    sent = send_nowait(buf[:count])
+                    sent = out.send_nowait(buf[:count])
                     if sent < count:
-                        await dst.endpoint.send_all(buf[sent:count])
+                        await out.send_all(buf[sent:count])
                 except PEER_GONE:
                     dst.gone = True
                     self.source_ended(dst)
@@ -280,7 +302,7 @@ class Pair:
                 end = End.CLIENT_MESSAGE_TOO_BIG if too_big else End.CLIENT_PROTOCOL_ERROR
             else:
                 end = End.BACKEND_MESSAGE_TOO_BIG if too_big else End.BACKEND_PROTOCOL_ERROR
-            self._log.info("protocol_error", side=src.name, error=str(scanner.error))
+            self.log.info("protocol_error", side=src.name, error=str(scanner.error))
             self.stop(end)
             return False
         if scanner.close_received and count:
@@ -371,7 +393,7 @@ class Pair:
             "bytes_from_client": self.bytes_from_client,
             "bytes_from_backend": self.bytes_from_backend,
         }
-        self._log.info("disconnect", **record)
+        self.log.info("disconnect", **record)
         if self._on_disconnect is not None:
             self._on_disconnect(self, record)
 

@@ -108,12 +108,20 @@ class ScriptedEndpoint:
         self.sent = bytearray()
         self.dirty = False
         self.closed = self.aborted = self.half_closed = False
+        self.ready = False
 
-    async def recv_into(self, buf: memoryview) -> int:
+    async def wait_readable(self) -> None:
         await trio.lowlevel.checkpoint()
+        if not self.chunks and not self.then_eof:
+            await trio.sleep_forever()
+        self.ready = True
+
+    def recv_nowait(self, buf: memoryview) -> int:
+        # One chunk per wait, like a socket that the peer writes to a chunk at a time.
+        if not self.ready:
+            return -1
+        self.ready = False
         if not self.chunks:
-            if not self.then_eof:
-                await trio.sleep_forever()
             return 0
         chunk = self.chunks.popleft()
         buf[: len(chunk)] = chunk
