@@ -274,13 +274,17 @@ def _client_ssl(spec: dict[str, Any]) -> ssl.SSLContext | None:
 
 
 async def _connect(
-    url: str, factory: Callable[[], Client], ctx: ssl.SSLContext | None
+    url: str,
+    factory: Callable[[], Client],
+    ctx: ssl.SSLContext | None,
+    headers: list[tuple[str, str]] | None = None,
 ) -> tuple[WSTransport, Client]:
     transport, client = await asyncio.wait_for(
         ws_connect(
             factory,
             url,
             ssl_context=ctx,
+            extra_headers=headers or None,
             max_frame_size=MAX_FRAME,
             websocket_handshake_timeout=CONNECT_TIMEOUT,
             enable_auto_ping=False,
@@ -381,6 +385,7 @@ async def handshakes(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     state = RunState()
     ctx = _client_ssl(spec)
     url, size = spec["url"], spec.get("size", 32)
+    headers = [tuple(h) for h in spec.get("headers", [])]
     timing = await _await_go(conn, {"opened": 0})
     loop = asyncio.get_running_loop()
     state.sending = False
@@ -393,7 +398,7 @@ async def handshakes(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
             client: Client | None = None
             step = "connect"  # which step failed, for the report
             try:
-                _, client = await _connect(url, lambda: Client(state, size, 1), ctx)
+                _, client = await _connect(url, lambda: Client(state, size, 1), ctx, headers)
                 step = "echo"
                 client.echoed = loop.create_future()
                 client.send_one()

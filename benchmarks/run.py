@@ -39,7 +39,7 @@ from typing import Any
 
 from . import procs, stats
 from .loadgen import MIN_SIZE, LoadGenerator, split
-from .targets import ALL, OPTIONAL, PLAIN, ROOT, TLS, Nginx, Target
+from .targets import ALL, HANDSHAKES_ONLY, OPTIONAL, PLAIN, ROOT, TLS, Nginx, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 atexit.register(procs.kill_all)
@@ -297,6 +297,7 @@ class Bench:
                 "url": target.url,
                 "concurrency": self.o.handshake_concurrency,
                 "ca_pem": self._ca(target),
+                "headers": target.headers,
             }
             for _ in range(self.o.processes)
         ]
@@ -360,6 +361,12 @@ class Bench:
             self.notes.append(f"The {name} column is absent: {reason}.")
         tls_names = [n for n in TLS if n.removesuffix("-tls") in available] if o.tls else []
         idle_names = [n for n in available if ALL[n].proxy] if o.idle_pairs > 0 else []
+        # e.g. wsgate-jwt, measured beside wsgate.
+        hs_only = (
+            [n for n in HANDSHAKES_ONLY if n.rsplit("-", 1)[0] in available]
+            if o.handshake_duration > 0
+            else []
+        )
         pairs = self.idle_pairs()
         if o.quiet_wait > 0:
             print("waiting for a quiet machine...", file=sys.stderr, flush=True)
@@ -379,13 +386,13 @@ class Bench:
         if tls_names:
             self.make_tls_files()
         self.gen = LoadGenerator(o.processes)
-        targets = {name: self.target(name) for name in available}
+        targets = {name: self.target(name) for name in [*available, *hs_only]}
         for target in targets.values():
             target.start()
 
         steps = (
             len(o.scenarios) * len(available) * o.rounds
-            + (len(available) if o.handshake_duration > 0 else 0)
+            + (len(available) + len(hs_only) if o.handshake_duration > 0 else 0)
             + len(idle_names)
             + len(tls_names) * (len(o.tls_scenarios) + (1 if o.handshake_duration > 0 else 0))
         )
@@ -412,7 +419,7 @@ class Bench:
 
             if o.handshake_duration > 0:
                 hs = {}
-                for name in available:
+                for name in [*available, *hs_only]:
                     self.step(f"handshakes: {name}")
                     hs[name] = self.handshakes(targets[name])
                     self.advance()
@@ -540,6 +547,11 @@ class Bench:
             summary.append(
                 f"Handshakes: {o.processes} x {o.handshake_concurrency} concurrent loops of "
                 f"connect, one echo, close, for {o.handshake_duration:g} s."
+                + "".join(
+                    f" {n}: {ALL[n].description}."
+                    for n in report.get("handshakes", {}).get("results", {})
+                    if n in HANDSHAKES_ONLY
+                )
             )
         if pairs and o.idle_pairs > 0:
             summary.append(f"Idle pairs: {pairs:,} per proxy, each proxy restarted before.")

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ class Target:
     description = ""
 
     def __init__(self, workdir: Path, backend_port: int, tls_files: dict[str, Path] | None = None):
+        #: Headers the generator adds to each opening handshake.
+        self.headers: list[tuple[str, str]] = []
         self.workdir = workdir
         self.backend_port = backend_port
         self.tls_files = tls_files
@@ -172,6 +175,52 @@ class Wsgate2Workers(Wsgate):
     serve_args = ("--workers", "2")
 
 
+class WsgateJWT(Wsgate):
+    name = "wsgate-jwt"
+    description = (
+        "wsgate whose API runs validate-jwt (RS256, 2048-bit key, audience and issuer "
+        "checked); the generator sends a valid bearer token"
+    )
+
+    def start(self) -> None:
+        # Imported here: only this target needs them, and they are slow to import.
+        import jwt
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = self.workdir / f"{self.name}.pem"
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        self._public_key = public
+        token = jwt.encode(
+            {
+                "aud": "bench",
+                "iss": "https://issuer.bench/",
+                "sub": "loadgen",
+                "exp": int(time.time()) + 24 * 3600,
+            },
+            key,
+            algorithm="RS256",
+        )
+        self.headers = [("Authorization", f"Bearer {token}")]
+        super().start()
+
+    def extra_toml(self) -> str:
+        return textwrap.dedent(f"""
+            [[apis.policies]]
+            policy = "validate-jwt"
+            public_key_file = "{self._public_key}"
+            algorithms = ["RS256"]
+            audiences = ["bench"]
+            issuers = ["https://issuer.bench/"]
+            require_scheme = "Bearer"
+            """)
+
+
 class WsgateTLS(Wsgate):
     name = "wsgate-tls"
     tls = True
@@ -291,7 +340,10 @@ PLAIN = {
     cls.name: cls
     for cls in (Direct, Wsgate, WsgateReactor, Wsgate2Workers, TrioNaive, Nginx, WebsocketsRelay)
 }
+#: Targets measured only for handshakes, whenever plain wsgate is (a policy's
+#: cost is per handshake: relaying does not see it).
+HANDSHAKES_ONLY = {cls.name: cls for cls in (WsgateJWT,)}
 #: Targets a run measures only when named with --targets.
 OPTIONAL: dict[str, type[Target]] = {WsgateMetrics.name: WsgateMetrics}
 TLS = {cls.name: cls for cls in (WsgateTLS, NginxTLS)}
-ALL: dict[str, type[Target]] = {**PLAIN, **OPTIONAL, **TLS}
+ALL: dict[str, type[Target]] = {**PLAIN, **OPTIONAL, **TLS, **HANDSHAKES_ONLY}

@@ -7,6 +7,7 @@ that every part produced well-formed, error-free figures and files.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from structlog.testing import capture_logs
 from benchmarks import icount, procs, stats
 from benchmarks.loadgen import split
 from benchmarks.run import Options, Probe, _pick_round, _scenario_arg, figures, run
+from benchmarks.targets import WsgateJWT
 
 from .helpers import start_gateway, wait_until
 
@@ -212,6 +214,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert section["results"]["wsgate"]["proxy_cpu_us_per_msg"] is not None
     hs = report["handshakes"]["results"]
     assert hs["wsgate"]["errors"] == 0 and hs["wsgate"]["messages"] > 0
+    # Measured beside wsgate for handshakes only: every token was accepted.
+    assert hs["wsgate-jwt"]["errors"] == 0 and hs["wsgate-jwt"]["messages"] > 0
     idle = report["idle"]["results"]
     assert list(idle) == ["wsgate"]  # direct has no proxy to weigh
     assert idle["wsgate"]["pairs"] == 10 and idle["wsgate"]["alive"] == 10
@@ -227,7 +231,35 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     md = (tmp_path / "latest.md").read_text()
     assert "| 2 x 64 B, depth 1 | **wsgate** |" in md
     assert "## TLS front end" in md
+    assert "| **wsgate-jwt** |" in md and "handshakes per second (validate-jwt, RS256) |" in md
     assert procs._children == []  # every process started was stopped
+
+
+def _upgrade_status(port: int, headers: list[tuple[str, str]]) -> int:
+    request = (
+        "GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        + "\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        return int(sock.recv(4096).split(b" ", 2)[1])
+
+
+def test_the_jwt_target_checks_the_token_it_hands_the_generator(tmp_path: Path) -> None:
+    # Its backend port is closed: a handshake the policy admits ends in 502.
+    target = WsgateJWT(tmp_path, backend_port=procs.free_port())
+    target.start()
+    try:
+        assert _upgrade_status(target.port, target.headers) == 502
+        assert _upgrade_status(target.port, []) == 401
+        name, value = target.headers[0]
+        assert _upgrade_status(target.port, [(name, value[:-4] + "AAAA")]) == 401
+    finally:
+        target.stop()
+    assert procs._children == []
 
 
 # -- instruction counts (benchmarks/icount.py) ---------------------------------------------
