@@ -30,7 +30,7 @@ from pathlib import Path
 from . import procs
 from .loadgen import LoadGenerator, split
 from .run import RESULTS, _scenario_arg
-from .targets import ROOT, Wsgate
+from .targets import ROOT, Wsgate, WsgateJWT
 
 _CPROFILE_RUNNER = """
 import cProfile, sys, time
@@ -69,6 +69,10 @@ class ProfiledWsgate(Wsgate):
         finally:
             log.close()
         procs.wait_port(self.port, self.proc)
+
+
+class ProfiledWsgateJWT(WsgateJWT, ProfiledWsgate):
+    """The same, with wsgate-jwt's validate-jwt policy (its start() mints the token)."""
 
 
 def summarize_collapsed(collapsed: str, top: int = 25) -> str:
@@ -133,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
     p.add_argument("--scenario", type=_scenario_arg, default=(100, 32, 1))
     p.add_argument("--handshakes", action="store_true", help="profile handshake loops instead")
+    p.add_argument(
+        "--jwt", action="store_true", help="the API runs validate-jwt (wsgate-jwt's config)"
+    )
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--profiler", choices=("cprofile", "py-spy"), default="cprofile")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -154,18 +161,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         port = int(procs.read_line(backend, "READY "))
         stats_path = workdir / "wsgate.prof"
-        gateway: Wsgate = (
-            ProfiledWsgate(workdir, port, stats_path)
-            if args.profiler == "cprofile"
-            else Wsgate(workdir, port)
-        )
+        gateway: Wsgate
+        if args.profiler == "cprofile":
+            gateway = (ProfiledWsgateJWT if args.jwt else ProfiledWsgate)(workdir, port, stats_path)
+        else:
+            gateway = (WsgateJWT if args.jwt else Wsgate)(workdir, port)
         gateway.start()
         assert gateway.proc is not None
         gen = LoadGenerator(args.processes)
         conns, size, depth = args.scenario
         if args.handshakes:
             command = "handshakes"
-            specs = [{"url": gateway.url, "concurrency": 16} for _ in range(args.processes)]
+            specs = [
+                {"url": gateway.url, "concurrency": 16, "headers": gateway.headers}
+                for _ in range(args.processes)
+            ]
             what = "handshakes"
         else:
             command = "load"

@@ -262,6 +262,25 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+@pytest.mark.parametrize(
+    "token",
+    [
+        "%%%.e30.c2ln",  # a header that is not base64
+        _b64(b"\xff\xfe") + ".e30.c2ln",  # not UTF-8
+        _b64(b"{not json") + ".e30.c2ln",
+        _b64(b'["HS256"]') + ".e30.c2ln",  # JSON, but not an object
+        _b64(b'{"alg": "HS256"}'),  # a header alone
+        "\u00e9" + _b64(b'{"alg": "HS256"}') + ".e30.c2ln",  # not ASCII
+        _b64(b'{"alg": "HS256"}') + ".%%%.c2ln",  # a valid header, a broken payload
+    ],
+)
+async def test_malformed_tokens_are_refused_as_invalid(token: str) -> None:
+    ctx = bearer(token)
+    exc = await rejected(ValidateJwt(secret=SECRET), ctx)
+    assert exc.reason == "TokenInvalid"
+    assert ctx.log_fields["jwt_error"] == "token is malformed"
+
+
 async def test_hs256_token_signed_with_the_public_key_is_refused(
     rsa_key: rsa.RSAPrivateKey,
 ) -> None:
