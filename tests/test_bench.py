@@ -163,6 +163,14 @@ def test_markdown_table_and_ratios() -> None:
     assert "| memory per idle pair | 10.0 KiB | <= 12 KiB | met |" in md
 
 
+def test_every_target_has_a_colour_of_its_own() -> None:
+    from benchmarks.charts import COLORS
+    from benchmarks.targets import ALL
+
+    assert set(ALL) <= set(COLORS)
+    assert len(set(COLORS.values())) == len(COLORS)
+
+
 def test_errors_are_shown_in_bold_with_their_kinds() -> None:
     figures_ = {"errors": 3, "error_detail": {"mismatched": 1, "unanswered": 2, "x": 0}}
     assert stats._errors(figures_) == "**3** (mismatched 1, unanswered 2)"
