@@ -142,6 +142,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert (gateway.max_connections, gateway.handshake_timeout) == (200, 10.0)
     assert (gateway.backend_connect_timeout, gateway.close_timeout) == (10.0, 5.0)
     assert (gateway.drain_timeout, gateway.tls) == (30.0, None)
+    assert gateway.keepalive == (60, 10, 6)  # on by default: half-open peers get dropped
     (api,) = config.apis
     assert api.display_name == "echo"
     assert api.max_message_size == 16 * 1024 * 1024
@@ -301,6 +302,23 @@ def test_wrong_types(tmp_path: Path, text: str, expected: str) -> None:
         ),
         ("[gateway]\nclose_timeout = 0.0", "gateway.close_timeout: must be > 0, got 0.0"),
         ("[gateway]\ndrain_timeout = -0.5", "gateway.drain_timeout: must be >= 0, got -0.5"),
+        ("[gateway]\ntcp_keepalive = -1", "gateway.tcp_keepalive: must be >= 0, got -1"),
+        (
+            "[gateway]\ntcp_keepalive = 40000",
+            "gateway.tcp_keepalive: must be <= 32767, got 40000",
+        ),
+        (
+            "[gateway]\ntcp_keepalive = 1.5",
+            "gateway.tcp_keepalive: expected an integer, got a float",
+        ),
+        (
+            "[gateway]\ntcp_keepalive_interval = 0",
+            "gateway.tcp_keepalive_interval: must be >= 1, got 0",
+        ),
+        (
+            "[gateway]\ntcp_keepalive_probes = 128",
+            "gateway.tcp_keepalive_probes: must be <= 127, got 128",
+        ),
         (
             "[gateway]\nclose_timeout = inf",
             "gateway.close_timeout: must be a finite number, got inf",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import sys
 import warnings
@@ -290,6 +291,45 @@ async def test_client_reset_while_the_gateway_is_blocked_sending_to_it(
     with trio.fail_after(CLOSE_TIMEOUT):
         await wait_until(lambda: codes == [1001])
         await wait_until(lambda: gw.stats().active_pairs == 0)
+
+
+def _keepalive_of(sock: Any) -> tuple[int, int, int, int]:
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected_on"), [({"tcp_keepalive": 7}, True), ({"tcp_keepalive": 0}, False)]
+)
+async def test_tcp_keepalive_is_set_on_both_legs(
+    nursery: trio.Nursery, engine: str, settings: dict[str, int], expected_on: bool
+) -> None:
+    """Without idle_timeout, only the kernel's probes notice a peer that vanished silently."""
+    backend = await echo_backend(nursery)
+    gw = await start_gateway(
+        nursery,
+        backend.url,
+        relay_engine=engine,
+        tcp_keepalive_interval=3,
+        tcp_keepalive_probes=4,
+        **settings,
+    )
+    conn = await open_pair(port_of(gw), "/echo/keepalive")
+    await echo_once(conn, payload_for("keepalive", 0, 10))
+    (pair,) = gw.pairs.values()
+    try:
+        for side in (pair.client, pair.backend):
+            on, idle, interval, probes = _keepalive_of(side.endpoint.sock)
+            if expected_on:
+                assert (on, idle, interval, probes) == (1, 7, 3, 4), side.name
+            else:
+                assert on == 0, side.name
+    finally:
+        conn.abort()
 
 
 async def test_silent_half_open_client_is_closed_after_idle_timeout(

@@ -23,7 +23,7 @@ from .handshake import (
     check_backend_101,
     describe_http_error,
 )
-from .netio import SHARED_BUFFER, Endpoint, RawSocket, StreamEndpoint, detach
+from .netio import SHARED_BUFFER, Endpoint, RawSocket, StreamEndpoint, detach, set_keepalive
 
 #: At most this much of a refusing backend's body is relayed to the client.
 MAX_REJECTION_BODY = 64 * 1024
@@ -53,14 +53,18 @@ async def open_backend(
     upgrade: Upgrade,
     *,
     ca_file: Path | None,
+    keepalive: tuple[int, int, int] | None = None,
 ) -> BackendConnection:
     """Connect to ``backend`` and complete its opening handshake.
 
+    ``keepalive``: (idle, interval, probes) for :func:`~wsgate.netio.set_keepalive`.
     The caller bounds this with ``trio.fail_after(backend_connect_timeout)``.
     Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
     """
     with map_backend_errors(backend.url):
         conn = await _connect(backend.host, backend.port)
+        if keepalive is not None:
+            set_keepalive(conn.socket if isinstance(conn, trio.SocketStream) else conn, *keepalive)
         endpoint: Endpoint
         if backend.secure:
             stream = conn if isinstance(conn, trio.SocketStream) else trio.SocketStream(conn)

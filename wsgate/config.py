@@ -115,8 +115,14 @@ def _has_space_or_control(text: str) -> bool:
     return any(ch.isspace() or not ch.isprintable() for ch in text)
 
 
-def _number(minimum: float, *, inclusive: bool = True, integer: bool = False) -> _Validator:
-    """Number >= (or >) ``minimum``; rejects bool, and NaN/inf (TOML allows them)."""
+def _number(
+    minimum: float,
+    *,
+    inclusive: bool = True,
+    integer: bool = False,
+    maximum: float | None = None,
+) -> _Validator:
+    """Number >= (or >) ``minimum`` (and <= ``maximum``); rejects bool, and NaN/inf."""
     op = ">=" if inclusive else ">"
     kind, types = ("an integer", int) if integer else ("a number", (int, float))
 
@@ -127,6 +133,8 @@ def _number(minimum: float, *, inclusive: bool = True, integer: bool = False) ->
             raise ValueError(f"must be a finite number, got {value!r}")
         if value < minimum or (value == minimum and not inclusive):
             raise ValueError(f"must be {op} {minimum:g}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be <= {maximum:g}, got {value!r}")
 
     return check
 
@@ -461,6 +469,17 @@ class GatewayConfig:
     )
     close_timeout: float = attrs.field(default=5.0, validator=_number(0, inclusive=False))
     drain_timeout: float = attrs.field(default=30.0, validator=_number(0))
+    #: TCP keepalive on both legs, so a peer that vanished without a FIN (its host
+    #: lost power, a NAT forgot the flow) does not hold a pair forever: seconds of
+    #: silence before the kernel probes (0: off), seconds between probes, and
+    #: unanswered probes before it fails the connection. Linux's limits apply.
+    tcp_keepalive: int = attrs.field(default=60, validator=_number(0, integer=True, maximum=32767))
+    tcp_keepalive_interval: int = attrs.field(
+        default=10, validator=_number(1, integer=True, maximum=32767)
+    )
+    tcp_keepalive_probes: int = attrs.field(
+        default=6, validator=_number(1, integer=True, maximum=127)
+    )
     tls: TLSConfig | None = None
     #: "tasks" (two relay tasks per pair) or "reactor" (one epoll pump per process,
     #: Linux; see docs/performance.md).
@@ -469,6 +488,13 @@ class GatewayConfig:
     policies: tuple[PolicyEntry, ...] = attrs.field(
         default=(), converter=_policy_tuple, validator=_policy_list("global")
     )
+
+    @property
+    def keepalive(self) -> tuple[int, int, int] | None:
+        """(idle, interval, probes) for :func:`wsgate.netio.set_keepalive`; None when off."""
+        if not self.tcp_keepalive:
+            return None
+        return (self.tcp_keepalive, self.tcp_keepalive_interval, self.tcp_keepalive_probes)
 
 
 @attrs.frozen(kw_only=True)
@@ -902,6 +928,9 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "backend_connect_timeout": _NUMBER,
         "close_timeout": _NUMBER,
         "drain_timeout": _NUMBER,
+        "tcp_keepalive": _INT,
+        "tcp_keepalive_interval": _INT,
+        "tcp_keepalive_probes": _INT,
         "tls": _table(TLSConfig),
         "relay_engine": _STR,
         "policies": _policy_tables("global"),

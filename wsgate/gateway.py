@@ -48,7 +48,15 @@ from .handshake import (
     validate_upgrade,
 )
 from .logs import utc_now
-from .netio import PEER_GONE, SHARED_BUFFER, Endpoint, RawSocket, StreamEndpoint, detach
+from .netio import (
+    PEER_GONE,
+    SHARED_BUFFER,
+    Endpoint,
+    RawSocket,
+    StreamEndpoint,
+    detach,
+    set_keepalive,
+)
 from .policies import all_policies, check_subscription, pipeline
 from .policy import HandshakeContext, PairStats, Policy
 from .reactor import Reactor
@@ -157,6 +165,7 @@ class Gateway:
     ) -> None:
         self.config = config
         self._reuse_port = reuse_port  # several worker processes share the port
+        self._keepalive: tuple[int, int, int] | None = None  # set by run()
         self._observers = tuple(observers)
         self._policies = dict(policies or {})
         self._router = Router(config.apis)
@@ -253,6 +262,11 @@ class Gateway:
     ) -> None:
         """Bind, report ``self`` through ``task_status``, serve until drained or cancelled."""
         listeners = await bind_listeners(self.config.gateway.listen, reuse_port=self._reuse_port)
+        # Read once, like the listeners: accepted sockets inherit the listeners' options.
+        self._keepalive = self.config.gateway.keepalive
+        if self._keepalive is not None:
+            for listener in listeners:
+                set_keepalive(listener, *self._keepalive)
         self._addresses = [tuple(sock.getsockname()[:2]) for sock in listeners]
         try:
             async with trio.open_nursery() as engine:
@@ -573,7 +587,12 @@ class Gateway:
         try:
             with trio.fail_after(self.config.gateway.backend_connect_timeout):
                 backend = await open_backend(
-                    ctx.backend, target, ctx.headers, upgrade, ca_file=api.backend_ca_file
+                    ctx.backend,
+                    target,
+                    ctx.headers,
+                    upgrade,
+                    ca_file=api.backend_ca_file,
+                    keepalive=self._keepalive,
                 )
         except trio.TooSlowError:
             raise BackendTimeout(f"{ctx.backend.url}: no complete handshake in time") from None

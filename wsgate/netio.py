@@ -232,6 +232,22 @@ def _underlying_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None
     return stream.socket if isinstance(stream, trio.SocketStream) else None
 
 
+def set_keepalive(
+    sock: socket.socket | trio.socket.SocketType, idle: int, interval: int, probes: int
+) -> None:
+    """Have the kernel probe ``sock``'s peer after ``idle`` seconds of silence.
+
+    ``probes`` unanswered probes, ``interval`` seconds apart, fail the
+    connection with ETIMEDOUT, which the relay sees as the peer gone. Set on a
+    listening socket, the options are inherited by the connections it accepts.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux names; other systems keep their defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+
+
 def detach(conn: trio.SocketStream | trio.socket.SocketType) -> socket.socket:
     """Take the stdlib socket out of a Trio socket or SocketStream (which is left closed)."""
     tsock = conn.socket if isinstance(conn, trio.SocketStream) else conn
