@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.utilities import generate_accept_token
 
-from wsgate.closing import LOCAL_ONLY, End, close_plan, wire_code
+from wsgate.closing import LOCAL_ONLY, End, close_plan
 from wsgate.errors import BackendProtocolError, BackendRejected, HandshakeRejected
 from wsgate.handshake import (
     MAX_REQUEST_HEAD,
@@ -758,18 +758,3 @@ def test_close_plan_reason_override() -> None:
     plan = close_plan(End.TERMINATED, reason="operator said so")
     assert (plan.to_client, plan.to_backend, plan.reason) == (POLICY, POLICY, "operator said so")
     assert close_plan(End.DRAIN, reason="").reason == ""
-
-
-@pytest.mark.parametrize(("code", "expected"), [(1005, 1011), (1006, 1011), (1015, 1011)])
-def test_wire_code_replaces_local_only_codes(code: int, expected: int) -> None:
-    assert wire_code(code) == expected
-
-
-@given(st.sampled_from(sorted(SENDABLE)))
-def test_wire_code_keeps_sendable_codes(code: int) -> None:
-    assert wire_code(code) == code
-
-
-@given(st.integers(1000, 4999))
-def test_wire_code_never_returns_a_local_only_code(code: int) -> None:
-    assert wire_code(code) not in LOCAL_ONLY

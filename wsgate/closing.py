@@ -11,7 +11,8 @@ A backend that vanishes earns the client 1011, not 1014 "bad gateway": wsproto
 
 Close frames sent by the peers are never rewritten: they pass through the relay
 byte for byte. Local-only codes (1005 "no status", 1006 "abnormal", 1015 "TLS
-failure") can be *recorded* in logs but never go on the wire.
+failure") can be *recorded* in logs but never go on the wire: no plan holds one
+(where trio-websocket would send 1000 for them, the plans say 1011 or 1001).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import enum
 
 import attrs
 
-NORMAL = 1000
 GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
 NO_STATUS = 1005  # local only: a close frame with no code
@@ -89,15 +89,3 @@ def close_plan(end: End, *, reason: str | None = None) -> ClosePlan:
     """
     closed_by, to_client, to_backend = _PLANS[end]
     return ClosePlan(closed_by, to_client, to_backend, reason if reason is not None else end.value)
-
-
-def wire_code(code: int) -> int:
-    """A code that may legally be sent on the wire in place of ``code``.
-
-    Local-only codes describe the *gateway's* view of a failure; the peer is
-    told the nearest wire code instead (trio-websocket silently sends 1000 here,
-    which would make a failure look like a clean close).
-    """
-    if code in LOCAL_ONLY:
-        return INTERNAL_ERROR
-    return code
