@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -192,7 +194,7 @@ async def test_check_accepts_good_files(tmp_path: Path) -> None:
     # An unsupported policy at global scope is kept but skipped: valid, with a warning.
     skipping = tmp_path / "skipping.toml"
     skipping.write_text('[gateway]\npolicies = [{ policy = "cors" }]\n')
-    demo = ROOT / "examples" / "demo.toml"
+    demo = ROOT / "wsgate" / "demo.toml"
     results: dict[Path, subprocess.CompletedProcess[bytes]] = {}
 
     async def check(path: Path) -> None:
@@ -333,3 +335,38 @@ async def test_demo_starts_backend_and_gateway_and_echoes(tmp_path: Path) -> Non
         demo.process.send_signal(signal.SIGTERM)
         assert await demo.exit_code() == 0
         assert f"python -m websockets {url}" in await demo.stderr()
+
+
+async def test_the_wheel_carries_the_demo_config_and_the_console_page(tmp_path: Path) -> None:
+    """`wsgate demo` and the web console must work from an installed wheel, not only a checkout."""
+    # Built from a copy: setuptools would otherwise reuse a stale build/ directory.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(
+        ROOT / "wsgate", source / "wsgate", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    with trio.fail_after(120):
+        await trio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--quiet",
+                "--wheel-dir",
+                str(tmp_path),
+                str(source),
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    (wheel,) = tmp_path.glob("wsgate-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "wsgate/demo.toml" in names
+    assert "wsgate/py.typed" in names
+    assert any(name.startswith("wsgate/console_web/") for name in names)

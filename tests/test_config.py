@@ -25,7 +25,7 @@ from wsgate.config import (
 )
 from wsgate.errors import ConfigError, WsgateError
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
+DEMO = Path(__file__).resolve().parent.parent / "wsgate" / "demo.toml"
 
 API = """
 [[apis]]

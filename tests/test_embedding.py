@@ -1,4 +1,4 @@
-"""The embedding API: examples/embedded.py runs as shown, and run/drain behave as documented."""
+"""The embedding API: docs/examples/embedded.py runs as shown, and run/drain behave as documented."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import wsgate
 
 from .helpers import RawClient, make_config
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "embedded.py"
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "embedded.py"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
 
 

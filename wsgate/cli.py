@@ -29,7 +29,7 @@ from .logs import utc_now
 from .metrics import GatewayMetrics
 from .workers import supervise, worker_share
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.toml"  # package data: works from a wheel
 
 
 def _timestamp(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run an echo backend and a gateway in front of it",
         description="Start an echo backend and a gateway routing /echo to it, in one "
-        "process, from examples/demo.toml (this is what `make run` starts).",
+        "process, from wsgate/demo.toml (this is what `make run` starts).",
     )
     demo.add_argument(
         "--config", type=Path, default=DEMO_CONFIG, help="demo config (default: %(default)s)"

@@ -1,6 +1,6 @@
 """Embed wsgate in a Trio program: an echo backend, a gateway in front of it, one client.
 
-Run it with ``.venv/bin/python examples/embedded.py``; it exits 0 when done.
+Run it with ``.venv/bin/python docs/examples/embedded.py``; it exits 0 when done.
 docs/embedding.md walks through it, and tests/test_embedding.py runs it.
 """
 
