@@ -337,7 +337,7 @@ async def test_demo_starts_backend_and_gateway_and_echoes(tmp_path: Path) -> Non
         assert f"python -m websockets {url}" in await demo.stderr()
 
 
-async def test_the_wheel_carries_the_demo_config_and_the_console_page(tmp_path: Path) -> None:
+def test_the_wheel_carries_the_demo_config_and_the_console_page(tmp_path: Path) -> None:
     """`wsgate demo` and the web console must work from an installed wheel, not only a checkout."""
     # Built from a copy: setuptools would otherwise reuse a stale build/ directory.
     source = tmp_path / "src"
@@ -347,23 +347,23 @@ async def test_the_wheel_carries_the_demo_config_and_the_console_page(tmp_path: 
     shutil.copytree(
         ROOT / "wsgate", source / "wsgate", ignore=shutil.ignore_patterns("__pycache__")
     )
-    with trio.fail_after(120):
-        await trio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--no-deps",
-                "--no-build-isolation",
-                "--quiet",
-                "--wheel-dir",
-                str(tmp_path),
-                str(source),
-            ],
-            capture_stdout=True,
-            capture_stderr=True,
-        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     (wheel,) = tmp_path.glob("wsgate-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())

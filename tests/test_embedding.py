@@ -1,4 +1,4 @@
-"""The embedding API: docs/examples/embedded.py runs as shown, and run/drain behave as documented."""
+"""The embedding API: docs/examples/embedded.py runs as shown; run and drain act as documented."""
 
 from __future__ import annotations
 
