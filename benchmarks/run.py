@@ -728,6 +728,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         o.scenarios = list(CROSS_PRODUCT)
     if args.scenarios:
         o.scenarios = args.scenarios
+    if args.targets or args.scenarios:
+        o.mode = f"partial {o.mode}"  # the report's title says what was left out
     names = ("warmup", "duration", "rounds", "processes", "handshake_duration", "idle_pairs")
     for name in (*names, "quiet_wait", "quiet_step"):
         value = getattr(args, name)

@@ -16,7 +16,16 @@ from structlog.testing import capture_logs
 
 from benchmarks import icount, procs, stats
 from benchmarks.loadgen import split
-from benchmarks.run import Options, Probe, _pick_round, _scenario_arg, figures, run
+from benchmarks.run import (
+    Options,
+    Probe,
+    _pick_round,
+    _scenario_arg,
+    build_parser,
+    figures,
+    options_from_args,
+    run,
+)
 from benchmarks.targets import WsgateJWT
 
 from .helpers import start_gateway, wait_until
@@ -111,6 +120,16 @@ def test_split_and_scenario_syntax() -> None:
     assert split(1, 2) == [1, 0]
     assert _scenario_arg("10x64Kx16") == (10, 65536, 16)
     assert _scenario_arg("100x32x1") == (100, 32, 1)
+
+
+def test_a_run_with_chosen_scenarios_or_targets_is_titled_partial() -> None:
+    def mode(*argv: str) -> str:
+        return options_from_args(build_parser().parse_args(list(argv))).mode
+
+    assert mode() == "full"
+    assert mode("--quick") == "quick"
+    assert mode("--scenario", "100x32x1") == "partial full"
+    assert mode("--quick", "--targets", "wsgate,nginx") == "partial quick"
 
 
 def _section(conns: int, size: int, depth: int, msgs: dict[str, float]) -> dict[str, object]:
