@@ -19,21 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-#: One distinct colour per target (matplotlib's default cycle would repeat the
-#: first ones for targets missing here, making two bars look like one target).
-COLORS = {
-    "direct": "#9e9e9e",
-    "wsgate": "#1f77b4",
-    "wsgate-reactor": "#9467bd",
-    "wsgate-2w": "#8c564b",
-    "wsgate-metrics": "#e377c2",
-    "wsgate-jwt": "#bcbd22",
-    "trio-naive": "#ff7f0e",
-    "nginx": "#2ca02c",
-    "websockets-relay": "#d62728",
-    "wsgate-tls": "#17becf",
-    "nginx-tls": "#98df8a",
-}
+from .targets import ALL
+
+COLORS = {name: cls.color for name, cls in ALL.items()}
 HEADLINE = (100, 32, 1)
 
 

@@ -25,6 +25,9 @@ class Target:
     """A measured target; subclasses start and stop its process."""
 
     name = "?"
+    #: Its colour in the charts; each target has its own (matplotlib's default
+    #: cycle would repeat colours, making two targets look like one).
+    color = ""
     proxy = True
     tls = False
     description = ""
@@ -80,6 +83,7 @@ class Target:
 
 class Direct(Target):
     name = "direct"
+    color = "#9e9e9e"
     proxy = False
     description = "no proxy: the generator talks to the backend (the limit)"
 
@@ -92,6 +96,7 @@ class Direct(Target):
 
 class Wsgate(Target):
     name = "wsgate"
+    color = "#1f77b4"
     description = "`wsgate serve` with a generated config, JSON logs (info) to a file"
     #: ``[gateway] relay_engine``, when not the default.
     engine: str | None = None
@@ -157,12 +162,14 @@ _WSGATE_MAIN = "import sys; from wsgate.cli import main; sys.exit(main())"
 
 class WsgateReactor(Wsgate):
     name = "wsgate-reactor"
+    color = "#9467bd"
     description = 'wsgate with `relay_engine = "reactor"`'
     engine = "reactor"
 
 
 class WsgateMetrics(Wsgate):
     name = "wsgate-metrics"
+    color = "#e377c2"
     description = "wsgate with `[admin]`: metrics observer on, /metrics served"
 
     def extra_toml(self) -> str:
@@ -171,12 +178,14 @@ class WsgateMetrics(Wsgate):
 
 class Wsgate2Workers(Wsgate):
     name = "wsgate-2w"
+    color = "#8c564b"
     description = "`wsgate serve --workers 2` (CPU and memory: all its processes)"
     serve_args = ("--workers", "2")
 
 
 class WsgateJWT(Wsgate):
     name = "wsgate-jwt"
+    color = "#bcbd22"
     description = (
         "wsgate whose API runs validate-jwt (RS256, 2048-bit key, audience and issuer "
         "checked); the generator sends a valid bearer token"
@@ -223,12 +232,14 @@ class WsgateJWT(Wsgate):
 
 class WsgateTLS(Wsgate):
     name = "wsgate-tls"
+    color = "#17becf"
     tls = True
     description = "wsgate with `[gateway.tls]` (certificate from trustme)"
 
 
 class TrioNaive(Target):
     name = "trio-naive"
+    color = "#ff7f0e"
     description = "raw byte relay on Trio's `receive_some`/`send_all` (benchmarks/trio_naive.py)"
 
     def start(self) -> None:
@@ -237,6 +248,7 @@ class TrioNaive(Target):
 
 class WebsocketsRelay(Target):
     name = "websockets-relay"
+    color = "#d62728"
     description = "message relay with the `websockets` library (benchmarks/ws_relay.py)"
 
     def start(self) -> None:
@@ -245,6 +257,7 @@ class WebsocketsRelay(Target):
 
 class Nginx(Target):
     name = "nginx"
+    color = "#2ca02c"
     description = "nginx as a WebSocket proxy, `worker_processes 1`, default proxy buffers"
 
     @classmethod
@@ -331,6 +344,7 @@ class Nginx(Target):
 
 class NginxTLS(Nginx):
     name = "nginx-tls"
+    color = "#98df8a"
     tls = True
     description = "nginx with `listen ... ssl`, same certificate"
 
