@@ -14,7 +14,15 @@ import wsgate
 from wsgate.config import parse_config
 
 from . import helpers
-from .helpers import BackendRequest, RawBackend, RawClient, accept_response, read_all
+from .helpers import (
+    BackendRequest,
+    Opcode,
+    RawBackend,
+    RawClient,
+    accept_response,
+    read_all,
+    server_frames,
+)
 
 KEY = "k" * 16 + "-alice-primary"
 SECRET = "s" * 40
@@ -239,6 +247,81 @@ async def test_message_rate_limit_close_mode(nursery: trio.Nursery, echo_url: st
         await client.send_text(f"m{i}")
     assert (await client.receive_close())[0] == 1008
     await client.aclose()
+
+
+class _Recorder:
+    """A backend that keeps every byte the gateway relays to it, then answers a close."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.ended = False
+
+    async def script(
+        self, request: BackendRequest, stream: trio.SocketStream, early: bytes
+    ) -> None:
+        await stream.send_all(accept_response(request))
+        self.received += early
+        proto = server_frames()
+        try:
+            while data := await stream.receive_some(65536):
+                self.received += data
+                proto.receive_bytes(data)
+                if any(f.opcode is Opcode.CLOSE for f in proto.received_frames()):
+                    await stream.send_all(proto.close(1008))
+        except trio.BrokenResourceError:
+            pass
+        self.ended = True
+
+    def frames(self) -> list[tuple[Opcode, Any]]:
+        proto = server_frames()
+        proto.receive_bytes(bytes(self.received))
+        return [(f.opcode, f.payload) for f in proto.received_frames()]
+
+
+async def _limited_chat(nursery: trio.Nursery, recorder: _Recorder, **limit: Any) -> RawClient:
+    backend: RawBackend = await nursery.start(RawBackend(recorder.script).serve)
+    policy = {"policy": "message-rate-limit", "on_exceed": "close", **limit}
+    api = {"name": "chat", "path": "chat", "service_url": backend.url, "policies": [policy]}
+    gw = await _gateway(nursery, {"apis": [api]})
+    return await RawClient.connect(gw.addresses[0][1], "/chat")
+
+
+async def test_message_rate_limit_close_holds_back_the_read_that_overdraws(
+    nursery: trio.Nursery,
+) -> None:
+    recorder = _Recorder()
+    client = await _limited_chat(nursery, recorder, messages_per_second=1, burst=2)
+    for i in range(2):
+        await client.send_text(f"m{i}")
+        await helpers.wait_until(lambda i=i: len(recorder.frames()) == i + 1)
+    # The third message overdraws the bucket; a close frame rides in the same read.
+    await client.send(client.proto.send_data("m2", True) + client.proto.close(1000))
+    # The gateway did receive the client's close, and answers it in kind.
+    assert (await client.receive_close())[0] == 1000
+    await client.aclose()
+    await helpers.wait_until(lambda: recorder.ended)
+    # Neither m2 nor the client's close reached the backend: the gateway's 1008 did.
+    assert recorder.frames() == [
+        (Opcode.TEXT, "m0"),
+        (Opcode.TEXT, "m1"),
+        (Opcode.CLOSE, (1008, "message rate limit exceeded")),
+    ]
+
+
+async def test_message_rate_limit_close_mid_frame_cuts_the_backend_without_a_frame(
+    nursery: trio.Nursery,
+) -> None:
+    recorder = _Recorder()
+    client = await _limited_chat(nursery, recorder, bytes_per_second=100, burst_bytes=150)
+    frame = client.proto.send_data(b"x" * 200, True)
+    await client.send(frame[:110])  # within the burst: relayed
+    await helpers.wait_until(lambda: len(recorder.received) == 110)
+    await client.send(frame[110:])  # the rest of the frame overdraws: held back
+    assert (await client.receive_close())[0] == 1008
+    await client.aclose()
+    await helpers.wait_until(lambda: recorder.ended)
+    # The backend holds half a frame: a close frame after it would be read as payload.
+    assert bytes(recorder.received) == frame[:110]
 
 
 def test_unsupported_policy_at_api_scope_is_refused() -> None:

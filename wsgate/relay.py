@@ -47,13 +47,16 @@ def _abort_at_once(_: object) -> trio.lowlevel.Abort:
 class _Side:
     """One leg of a pair and the scanner of the frames it sends."""
 
-    __slots__ = ("bytes_in", "closed", "endpoint", "gone", "name", "scanner")
+    __slots__ = ("bytes_in", "closed", "endpoint", "gone", "held_back", "name", "scanner")
 
     def __init__(self, name: str, endpoint: Endpoint, scanner: FrameScanner) -> None:
         self.name = name
         self.endpoint = endpoint
         self.scanner = scanner  # frames *from* this side
         self.bytes_in = 0
+        # Set when the gateway held back this side's last read (a rate limit):
+        # whether the bytes it did relay ended at a frame boundary.
+        self.held_back: bool | None = None
         self.gone = False  # the connection broke: nothing more can be sent to it
         self.closed = False  # the gateway closed it cleanly
 
@@ -248,8 +251,16 @@ class Pair:
             scanner = src.scanner  # looked up per chunk: a test swaps it to inject a fault
             if scanner.close_received:
                 continue  # nothing after a close frame is forwarded
-            before = scanner.messages if metered else 0
+            if metered:
+                before, boundary = scanner.messages, scanner.at_boundary
             count = scanner.feed(buf[:n])
+            delay = 0.0
+            if metered and count:
+                # Charged before it goes out: a read the limiter refuses is held back.
+                charged = self._charge(scanner.messages - before, n, boundary)
+                if charged is None:
+                    return
+                delay = charged
             if count:
                 try:
                     sent = out.send_nowait(buf[:count])
@@ -263,19 +274,23 @@ class Pair:
                 src, count
             ):
                 return
-            if metered and not await self._meter(scanner.messages - before, n):
-                return
+            if delay > 0:
+                await trio.sleep(delay)  # not reading is the backpressure
 
-    async def _meter(self, messages: int, nbytes: int) -> bool:
-        """Charge the client's traffic to its message-rate limiter; False to stop."""
+    def _charge(self, messages: int, nbytes: int, boundary: bool) -> float | None:
+        """Charge a read from the client to its message-rate limiter before it is relayed.
+
+        Returns the delay before reading on, or None when the limiter closes the
+        pair: then that read is held back, and ``boundary`` (whether the bytes
+        relayed before it ended at a frame boundary) tells the close what the
+        backend really received.
+        """
         assert self.limiter is not None
         delay = self.limiter.charge(messages, nbytes, trio.current_time())
         if delay is None:
+            self.client.held_back = boundary
             self.stop(End.TERMINATED, "message rate limit exceeded")
-            return False
-        if delay > 0:
-            await trio.sleep(delay)  # not reading is the backpressure
-        return True
+        return delay
 
     async def _forward(self, src: _Side, dst: _Side, data: memoryview) -> bool:
         """Scan and send ``data``; False when this direction must stop."""
@@ -402,14 +417,20 @@ class Pair:
         if side.gone:
             return False  # aborted by _finish
         frame: bytes | None = None
-        if not partner.scanner.close_received:  # no close frame reached this side yet
+        # What of the partner's stream reached this side: all its scanner saw,
+        # unless its last read was held back.
+        if partner.held_back is None:
+            close_passed, at_boundary = partner.scanner.close_received, partner.scanner.at_boundary
+        else:
+            close_passed, at_boundary = False, partner.held_back
+        if not close_passed:  # no close frame reached this side yet
             if side.scanner.close_received:
                 # It started a close handshake its partner never answered: answer it.
                 frame = build_close_frame(side.scanner.close_code, "", mask=side is self.backend)
             elif code is not None:
                 frame = build_close_frame(code, why, mask=side is self.backend)
         # Our own frame may only start where the partner's last frame ended.
-        if frame is not None and (side.endpoint.dirty or not partner.scanner.at_boundary):
+        if frame is not None and (side.endpoint.dirty or not at_boundary):
             return False  # aborted by _finish
         try:
             if frame is not None:
