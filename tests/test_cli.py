@@ -168,7 +168,7 @@ async def test_help_lists_the_subcommands() -> None:
     ("command", "options"),
     [
         ("serve", ["--config", "--listen", "--pretty", "SIGTERM"]),
-        ("check", ["file"]),
+        ("check", ["file", "--config"]),
         ("echo-server", ["--listen", "127.0.0.1:9000"]),
         ("demo", ["--config", "--pretty", "demo.toml"]),
     ],
@@ -214,6 +214,24 @@ async def test_check_accepts_good_files(tmp_path: Path) -> None:
         f"{skipping}: warning: policy 'cors' (global scope) is not supported by the "
         "onHandshake operation; it is skipped at run time\n"
     )
+
+
+async def test_check_takes_the_file_as_serve_does_too(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(GOOD_CONFIG.format(service_url="ws://127.0.0.1:9000/echo"))
+    done = await run_wsgate("check", "--config", str(good))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == f"{good}: OK (1 API, listening on 127.0.0.1:8080)\n"
+
+
+@pytest.mark.parametrize("argv", [["check"], ["check", "a.toml", "--config", "b.toml"]])
+def test_check_wants_the_file_exactly_once(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "give the config file once, as FILE or --config FILE" in capsys.readouterr().err
 
 
 async def test_check_names_file_key_and_reason_of_every_problem(tmp_path: Path) -> None:

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate a config file: exit 0 if it is valid, else print every "
         "problem (file: key: reason) to stderr and exit 1.",
     )
-    check.add_argument("file", type=Path, help="TOML config file")
+    check.add_argument("file", type=Path, nargs="?", help="TOML config file")
+    # The same flag as `serve`, so a command line can swap one verb for the other.
+    check.add_argument("--config", type=Path, help="TOML config file (instead of FILE)")
 
     echo = sub.add_parser(
         "echo-server",
@@ -146,11 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsgate`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "console":
         return console.run(args)
     if args.command == "check":
-        return _check(args.file)
+        if (args.file is None) == (args.config is None):
+            parser.error("check: give the config file once, as FILE or --config FILE")
+        return _check(args.file or args.config)
     if args.command == "echo-server":
         configure_logging()
         return _run(_run_echo, args.listen)
