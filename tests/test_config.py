@@ -304,6 +304,11 @@ def test_wrong_types(tmp_path: Path, text: str, expected: str) -> None:
         ("[gateway]\ndrain_timeout = -0.5", "gateway.drain_timeout: must be >= 0, got -0.5"),
         ("[gateway]\ntcp_keepalive = -1", "gateway.tcp_keepalive: must be >= 0, got -1"),
         (
+            '[gateway]\nredact_query_parameters = ["ok", "a=b"]',
+            "gateway.redact_query_parameters: invalid query parameter name 'a=b': must be "
+            "non-empty, without spaces, control characters or any of & = # % +",
+        ),
+        (
             "[gateway]\ntcp_keepalive = 40000",
             "gateway.tcp_keepalive: must be <= 32767, got 40000",
         ),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import jwt as pyjwt
 import trio
 from structlog.testing import capture_logs
 from trio_websocket import open_websocket_url
@@ -228,6 +230,49 @@ async def test_secrets_in_the_query_never_reach_a_record(
     assert valid["subscription_id"] == "sub-1"
     # The backend got the query without the subscription key; the rest is redacted.
     assert valid["backend_url"] == f"{echo_url}?access_token=REDACTED&room=1"
+
+
+async def test_query_secrets_named_by_policies_and_config_are_redacted(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    """validate-jwt's token parameter and [gateway] redact_query_parameters, any API."""
+    secret = "j" * 40
+    token = pyjwt.encode({"sub": "alice", "exp": int(time.time()) + 300}, secret, "HS256")
+    session = "sess-0123456789abcdef"
+    helpers.SUITE_SECRETS.update({secret, token, session})
+    jwt_policy = {"policy": "validate-jwt", "query_parameter_name": "jwt_q", "secret": secret}
+    config = parse_config(
+        {
+            "gateway": {"listen": "127.0.0.1:0", "redact_query_parameters": ["Session"]},
+            "apis": [
+                {"name": "chat", "path": "chat", "service_url": echo_url, "policies": [jwt_policy]},
+                {"name": "echo", "path": "echo", "service_url": echo_url},
+            ],
+        }
+    )
+    query = f"jwt_q={token}&session={session}&room=1"
+    with capture_logs() as logs:
+        gw = await nursery.start(Gateway(config).run)
+        for target, status in [(f"/chat?{query}", 101), (f"/echo?{query}", 101)]:
+            client = await RawClient.connect(gw.addresses[0][1], target)
+            try:
+                assert client.response is not None and client.response.status == status
+                await client.close(1000)
+                await client.receive_close()
+            finally:
+                await client.aclose()
+        with trio.fail_after(5):
+            await wait_until(lambda: sum(entry["event"] == "disconnect" for entry in logs) == 2)
+
+    for entry in logs:
+        assert token not in repr(entry) and session not in repr(entry), entry
+    handshakes = [entry for entry in logs if entry["event"] == "handshake"]
+    assert [entry["url"] for entry in handshakes] == [
+        "/chat?jwt_q=REDACTED&session=REDACTED&room=1",
+        # The echo API has no validate-jwt, but the parameter is redacted there too.
+        "/echo?jwt_q=REDACTED&session=REDACTED&room=1",
+    ]
+    assert handshakes[0]["backend_url"] == f"{echo_url}?jwt_q=REDACTED&session=REDACTED&room=1"
 
 
 async def test_backend_url_is_the_url_the_backend_got(nursery: trio.Nursery) -> None:

@@ -227,6 +227,11 @@ def _query_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
         )
 
 
+def _query_names(inst: object, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for name in value:
+        _query_name(inst, attr, name)
+
+
 #: Shortest subscription key accepted; keys are bearer secrets.
 MIN_KEY_LENGTH = 16
 
@@ -479,6 +484,11 @@ class GatewayConfig:
     )
     tcp_keepalive_probes: int = attrs.field(
         default=6, validator=_number(1, integer=True, maximum=127)
+    )
+    #: More query parameters whose values never reach a log line (beyond the
+    #: built-in list, subscription keys and validate-jwt's token parameter).
+    redact_query_parameters: tuple[str, ...] = attrs.field(
+        default=(), converter=_str_tuple, validator=[_strings, _query_names]
     )
     tls: TLSConfig | None = None
     #: "tasks" (two relay tasks per pair) or "reactor" (one epoll pump per process,
@@ -931,6 +941,7 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "tcp_keepalive": _INT,
         "tcp_keepalive_interval": _INT,
         "tcp_keepalive_probes": _INT,
+        "redact_query_parameters": _STRINGS,
         "tls": _table(TLSConfig),
         "relay_engine": _STR,
         "policies": _policy_tables("global"),

@@ -58,7 +58,7 @@ from .netio import (
     set_keepalive,
 )
 from .policies import all_policies, check_subscription, pipeline
-from .policy import HandshakeContext, PairStats, Policy
+from .policy import HandshakeContext, PairStats, Policy, secret_query_parameters
 from .reactor import Reactor
 from .relay import Pair
 from .routing import Router
@@ -168,6 +168,7 @@ class Gateway:
         self._keepalive: tuple[int, int, int] | None = None  # set by run()
         self._observers = tuple(observers)
         self._policies = dict(policies or {})
+        self._secret_query = self._secret_query_names(config)
         self._router = Router(config.apis)
         self._limiter = trio.CapacityLimiter(config.gateway.max_connections)
         self._pairs: dict[str, Pair] = {}
@@ -224,6 +225,7 @@ class Gateway:
             raise ValueError("listen, tls and relay_engine cannot change while the gateway runs")
         self._router = Router(config.apis)
         self._limiter.total_tokens = config.gateway.max_connections
+        self._secret_query = self._secret_query_names(config)
         self.config = config
         # Counters of policies that left the config go; unchanged policy objects
         # (the management API keeps them) keep theirs.
@@ -232,6 +234,22 @@ class Gateway:
         for key in [key for key in self._policy_state if key not in live]:
             del self._policy_state[key]
         self._log.info("config_updated", apis=[api.name for api in config.apis])
+
+    def _secret_query_names(self, config: Config) -> frozenset[str]:
+        """Query parameters redacted in every log line, beyond the built-in list.
+
+        Gathered from the whole config, whichever API a request is for: a name
+        redacted too often costs nothing, one missed leaks a secret.
+        """
+        policies = [*all_policies(config), *(p for ps in self._policies.values() for p in ps)]
+        return frozenset(
+            name.lower()
+            for name in (
+                *(api.subscription_key_query for api in config.apis),
+                *config.gateway.redact_query_parameters,
+                *(name for policy in policies for name in secret_query_parameters(policy)),
+            )
+        )
 
     def terminate(self, correlation_id: str, reason: str = "terminated by operator") -> bool:
         """Close one pair with 1008 and ``reason``; False if no such pair is open."""
@@ -410,7 +428,7 @@ class Gateway:
                 return None  # connected and left without a request: nothing to log
             request, trailing = read
             record.method = request.method
-            record.url = redact_target(request.target)
+            record.url = redact_target(request.target, self._secret_query)
             self._handshaking -= 1
             counted = False
             opened = await self._broker(client, request, trailing, record, log)
@@ -505,7 +523,7 @@ class Gateway:
         record.api_id = api.name
         log = log.bind(api_id=api.name)
         upgrade = validate_upgrade(request)
-        record.url = redact_target(request.target, [api.subscription_key_query])
+        record.url = redact_target(request.target, self._secret_query)
         config = self.config  # one handshake sees one config, even across a reload
         access = check_subscription(config, api, request)
         ctx = HandshakeContext(
@@ -581,7 +599,7 @@ class Gateway:
         target = ctx.backend_target
         backend_scheme = "wss" if ctx.backend.secure else "ws"
         record.backend_url = redact_target(
-            f"{backend_scheme}://{ctx.backend.host_header}{target}", [api.subscription_key_query]
+            f"{backend_scheme}://{ctx.backend.host_header}{target}", self._secret_query
         )
         started = trio.current_time()
         try:

@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlencode
 
@@ -386,8 +386,11 @@ SECRET_PARAMS = frozenset(
 )
 
 
-def redact_target(target: str, extra: Sequence[str] = ()) -> str:
-    """``target`` with the values of secret-bearing query parameters replaced."""
+def redact_target(target: str, extra: Iterable[str] = ()) -> str:
+    """``target`` with the values of secret-bearing query parameters replaced.
+
+    ``extra``: more parameter names (lower case) to redact, beyond SECRET_PARAMS.
+    """
     path, sep, query = target.partition("?")
     if not sep:
         return path

@@ -179,6 +179,16 @@ class Policy(Protocol):
         ...
 
 
+def secret_query_parameters(policy: object) -> tuple[str, ...]:
+    """Query parameters whose values ``policy`` says must never be logged.
+
+    A policy that reads a secret from the query (validate-jwt's token) declares
+    them in an optional ``secret_query_parameters`` attribute.
+    """
+    names: tuple[str, ...] = getattr(policy, "secret_query_parameters", ())
+    return names
+
+
 #: Every policy class by its config name (filled by @register).
 POLICIES: dict[str, type] = {}
 

@@ -615,6 +615,11 @@ class ValidateJwt:
 
     # -- handshake -------------------------------------------------------------------
 
+    @property
+    def secret_query_parameters(self) -> tuple[str, ...]:
+        """Query parameters whose values the gateway log must not show: the token's."""
+        return () if self.query_parameter_name is None else (self.query_parameter_name,)
+
     async def on_handshake(self, ctx: HandshakeContext) -> None:
         try:
             token = self._token(ctx)
