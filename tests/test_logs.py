@@ -188,6 +188,21 @@ VALID_KEY = "s3cr3t-s3cr3t-s3cr3t"  # a subscription key must be 16 characters o
 helpers.SUITE_SECRETS.update({VALID_KEY})
 
 
+async def _visit(port: int, target: str, status: int, *, echo: bool = False) -> None:
+    """Open ``target``, expect ``status``; if 101, (echo once and) close cleanly."""
+    client = await RawClient.connect(port, target)
+    try:
+        assert client.response is not None and client.response.status == status
+        if status == 101:
+            if echo:
+                await client.send_text("hello")
+                await client.receive_frames(1)
+            await client.close(1000)
+            await client.receive_close()
+    finally:
+        await client.aclose()
+
+
 async def test_secrets_in_the_query_never_reach_a_record(
     nursery: trio.Nursery, echo_url: str
 ) -> None:
@@ -206,16 +221,7 @@ async def test_secrets_in_the_query_never_reach_a_record(
             (f"/echo?{SECRET_QUERY.replace('s3cr3t', VALID_KEY)}", 101),
             (f"/nowhere?{SECRET_QUERY}", 404),
         ]:
-            client = await RawClient.connect(port, target)
-            try:
-                assert client.response is not None and client.response.status == status
-                if status == 101:
-                    await client.send_text("hello")
-                    await client.receive_frames(1)
-                    await client.close(1000)
-                    await client.receive_close()
-            finally:
-                await client.aclose()
+            await _visit(port, target, status, echo=True)
         with trio.fail_after(5):
             await wait_until(lambda: sum(entry["event"] == "handshake" for entry in logs) == 3)
             await wait_until(lambda: any(entry["event"] == "disconnect" for entry in logs))
@@ -254,13 +260,7 @@ async def test_query_secrets_named_by_policies_and_config_are_redacted(
     with capture_logs() as logs:
         gw = await nursery.start(Gateway(config).run)
         for target, status in [(f"/chat?{query}", 101), (f"/echo?{query}", 101)]:
-            client = await RawClient.connect(gw.addresses[0][1], target)
-            try:
-                assert client.response is not None and client.response.status == status
-                await client.close(1000)
-                await client.receive_close()
-            finally:
-                await client.aclose()
+            await _visit(gw.addresses[0][1], target, status)
         with trio.fail_after(5):
             await wait_until(lambda: sum(entry["event"] == "disconnect" for entry in logs) == 2)
 
