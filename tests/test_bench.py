@@ -14,7 +14,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from benchmarks import icount, procs, stats
+from benchmarks import icount, procs, stats, tracemem
 from benchmarks.loadgen import split
 from benchmarks.run import (
     Options,
@@ -284,6 +284,15 @@ def test_the_jwt_target_checks_the_token_it_hands_the_generator(tmp_path: Path) 
     finally:
         target.stop()
     assert procs._children == []
+
+
+def test_tracemem_charges_idle_pairs_to_the_wsgate_lines_that_made_them() -> None:
+    per_pair, sites = tracemem.measure(20)
+    assert per_pair > 1000  # a pair is two sockets, two tasks, a nursery...
+    assert sum(size for _, size in sites) == pytest.approx(per_pair)
+    files = {filename.rsplit("/", 1)[-1] for (filename, _), size in sites if size > 100}
+    assert {"relay.py", "gateway.py"} <= files
+    assert "traced bytes per pair" in tracemem.render(per_pair, sites, 20, top=5)
 
 
 # -- instruction counts (benchmarks/icount.py) ---------------------------------------------
