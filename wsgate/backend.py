@@ -23,7 +23,7 @@ from .handshake import (
     check_backend_101,
     describe_http_error,
 )
-from .netio import SHARED_BUFFER, Endpoint, RawSocket, StreamEndpoint, detach, set_keepalive
+from .netio import SHARED_BUFFER, Endpoint, RawSocket, TLSSocket, detach, set_keepalive
 
 #: At most this much of a refusing backend's body is relayed to the client.
 MAX_REJECTION_BODY = 64 * 1024
@@ -67,20 +67,24 @@ async def open_backend(
             set_keepalive(conn.socket if isinstance(conn, trio.SocketStream) else conn, *keepalive)
         endpoint: Endpoint
         if backend.secure:
-            stream = conn if isinstance(conn, trio.SocketStream) else trio.SocketStream(conn)
-            tls = trio.SSLStream(stream, client_ssl_context(ca_file), server_hostname=backend.host)
-            endpoint = StreamEndpoint(tls)
+            tls = TLSSocket(
+                detach(conn),
+                client_ssl_context(ca_file),
+                server_side=False,
+                server_hostname=backend.host,
+            )
+            endpoint = tls
         else:
             endpoint = RawSocket(detach(conn))
         try:
             if backend.secure:
                 await tls.do_handshake()
             accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
+        except ssl.SSLError:
+            endpoint.sock.close()  # no reset: it could destroy the alert telling the backend why
+            raise
         except BaseException:
-            if backend.secure:
-                await trio.aclose_forcefully(stream)
-            else:
-                endpoint.abort()
+            endpoint.abort()
             raise
         return BackendConnection(endpoint, accept, trailing)
 

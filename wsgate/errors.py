@@ -126,8 +126,8 @@ def map_backend_errors(what: str) -> Iterator[None]:
     except trio.TooSlowError:
         raise BackendTimeout(f"{what}: backend did not complete the handshake in time") from None
     except (ssl.SSLError, trio.BrokenResourceError) as exc:
-        # trio.SSLStream raises BrokenResourceError *from* the ssl error, so a
-        # failed certificate check arrives here as the cause, not on its own.
+        # A failed TLS handshake raises the ssl error itself; a TLS leg that
+        # breaks afterwards raises BrokenResourceError *from* its cause.
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         if isinstance(cause, ssl.SSLCertVerificationError):
             raise BackendUnreachable(

@@ -53,7 +53,7 @@ from .netio import (
     SHARED_BUFFER,
     Endpoint,
     RawSocket,
-    StreamEndpoint,
+    TLSSocket,
     detach,
     set_keepalive,
 )
@@ -445,14 +445,11 @@ class Gateway:
                 record,
                 log,
             )
-        except PEER_GONE as exc:
-            # trio.SSLStream reports a failed TLS handshake as BrokenResourceError
-            # *from* the ssl error; the client never got as far as a request.
-            if client is None and isinstance(exc.__cause__, ssl.SSLError):
-                log.info(
-                    "tls_handshake_failed", caller_ip_address=address[0], error=str(exc.__cause__)
-                )
-        except ssl.SSLError as exc:
+        except PEER_GONE:
+            pass  # the client left before its request was complete: nothing to answer
+        except (
+            ssl.SSLError
+        ) as exc:  # only the TLS handshake raises it; the client got no request in
             log.info("tls_handshake_failed", caller_ip_address=address[0], error=str(exc))
         except Exception as exc:
             log.exception("connection_failed")
@@ -479,9 +476,17 @@ class Gateway:
             # Straight from the accepted socket: a SocketStream would cost syscalls for nothing.
             # The request usually follows the connection at once: read before waiting.
             return RawSocket(detach(sock), expect_data=True)
-        tls = trio.SSLStream(trio.SocketStream(sock), self._server_ssl, server_side=True)
-        await tls.do_handshake()
-        return StreamEndpoint(tls)
+        tls = TLSSocket(detach(sock), self._server_ssl, server_side=True)
+        # The caller's cleanup only sees the socket it passed, detached by now.
+        try:
+            await tls.do_handshake()
+        except ssl.SSLError:
+            tls.sock.close()  # no reset: it could destroy the alert telling the client why
+            raise
+        except BaseException:
+            tls.abort()
+            raise
+        return tls
 
     async def _refuse(
         self,
