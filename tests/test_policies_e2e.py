@@ -295,11 +295,20 @@ async def test_message_rate_limit_close_holds_back_the_read_that_overdraws(
         await client.send_text(f"m{i}")
         await helpers.wait_until(lambda i=i: len(recorder.frames()) == i + 1)
     # The third message overdraws the bucket; a close frame rides in the same read.
-    await client.send(client.proto.send_data("m2", True) + client.proto.close(1000))
-    # The gateway did receive the client's close, and answers it in kind.
-    assert (await client.receive_close())[0] == 1000
-    await client.aclose()
-    await helpers.wait_until(lambda: recorder.ended)
+    with capture_logs() as logs:
+        await client.send(client.proto.send_data("m2", True) + client.proto.close(1000))
+        # The client's close was never relayed: the gateway ended the pair before,
+        # and tells the client why rather than answering its close in kind.
+        assert await client.receive_close() == (1008, "message rate limit exceeded")
+        await client.aclose()
+        await helpers.wait_until(lambda: recorder.ended)
+        await helpers.wait_until(lambda: any(e["event"] == "disconnect" for e in logs))
+    [disconnect] = [e for e in logs if e["event"] == "disconnect"]
+    # The log says what the client was told.
+    assert (disconnect["close_code"], disconnect["close_reason"]) == (
+        1008,
+        "message rate limit exceeded",
+    )
     # Neither m2 nor the client's close reached the backend: the gateway's 1008 did.
     assert recorder.frames() == [
         (Opcode.TEXT, "m0"),

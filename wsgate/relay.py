@@ -424,8 +424,10 @@ class Pair:
         else:
             close_passed, at_boundary = False, partner.held_back
         if not close_passed:  # no close frame reached this side yet
-            if side.scanner.close_received:
+            if side.scanner.close_received and side.held_back is None:
                 # It started a close handshake its partner never answered: answer it.
+                # (Not when the read carrying it was held back: the gateway ended
+                # the pair before relaying it, and says why with its own code.)
                 frame = build_close_frame(side.scanner.close_code, "", mask=side is self.backend)
             elif code is not None:
                 frame = build_close_frame(code, why, mask=side is self.backend)
