@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -63,22 +65,18 @@ async def open_backend(
     """
     with map_backend_errors(backend.url):
         conn = await _connect(backend.host, backend.port)
-        if keepalive is not None:
-            set_keepalive(conn.socket if isinstance(conn, trio.SocketStream) else conn, *keepalive)
         endpoint: Endpoint
         if backend.secure:
-            tls = TLSSocket(
-                detach(conn),
-                client_ssl_context(ca_file),
-                server_side=False,
-                server_hostname=backend.host,
+            endpoint = TLSSocket(
+                conn, client_ssl_context(ca_file), server_side=False, server_hostname=backend.host
             )
-            endpoint = tls
         else:
-            endpoint = RawSocket(detach(conn))
+            endpoint = RawSocket(conn)
         try:
-            if backend.secure:
-                await tls.do_handshake()
+            if keepalive is not None:
+                set_keepalive(conn, *keepalive)
+            if isinstance(endpoint, TLSSocket):
+                await endpoint.do_handshake()
             accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
         except ssl.SSLError:
             endpoint.sock.close()  # no reset: it could destroy the alert telling the backend why
@@ -89,15 +87,26 @@ async def open_backend(
         return BackendConnection(endpoint, accept, trailing)
 
 
-async def _connect(host: str, port: int) -> trio.SocketStream | trio.socket.SocketType:
-    """TCP to the backend; an IP literal skips open_tcp_stream's happy-eyeballs nursery."""
+async def _connect(host: str, port: int) -> socket.socket:
+    """TCP to the backend, as a plain non-blocking socket for the relay.
+
+    An IP literal is dialled directly: no happy-eyeballs nursery, and none of
+    Trio's socket layer, whose address checks cost a handshake more than the
+    connect itself.
+    """
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+        return detach(await trio.open_tcp_stream(host, port))
+    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
     try:
-        await sock.connect((host, port))
+        sock.setblocking(False)
+        error = sock.connect_ex((host, port))
+        if error == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise

@@ -54,7 +54,6 @@ from .netio import (
     Endpoint,
     RawSocket,
     TLSSocket,
-    detach,
     set_keepalive,
 )
 from .policies import all_policies, check_subscription, pipeline
@@ -65,6 +64,8 @@ from .routing import Router
 
 #: The name of every connection task (see ``trio.lowlevel.current_task().name``).
 _TASK_NAME = "wsgate.connection"
+#: Connections accepted back to back before the accept loop lets other tasks run.
+_ACCEPTS_BEFORE_YIELD = 16
 
 #: Seconds a client refused for capacity is told to wait before retrying.
 RETRY_AFTER = 1
@@ -338,15 +339,27 @@ class Gateway:
             observer.disconnect(pair, record)
 
     # -- accepting -----------------------------------------------------------------
-    async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
+    async def _accept_loop(self, listener: socket.socket) -> None:
         # A spare descriptor lets us accept and refuse a client with 503 even when
         # the process has run out of them, instead of spinning on EMFILE.
         reserve: int | None = os.open(os.devnull, os.O_RDONLY)
-        assert self._connections is not None
+        connections = self._connections
+        assert connections is not None
+        fd = listener.fileno()
+        in_a_row = 0
         try:
             while True:
+                # Accept what is queued before waiting, and let other tasks run
+                # every few accepts: a flood of connections must not starve pairs.
+                if in_a_row >= _ACCEPTS_BEFORE_YIELD:
+                    in_a_row = 0
+                    await trio.lowlevel.checkpoint()
                 try:
-                    sock, address = await listener.accept()
+                    sock, address = listener.accept()
+                except BlockingIOError:
+                    in_a_row = 0
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
                 except OSError as exc:
                     if not out_of_fds(exc) or reserve is None:
                         if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
@@ -357,17 +370,18 @@ class Gateway:
                     await self._refuse_for_fds(listener)
                     reserve = _reopen_reserve()
                     continue
+                in_a_row += 1
                 # A constant name: Trio would otherwise format one string per task.
-                self._connections.start_soon(self._serve_client, sock, address, name=_TASK_NAME)
+                connections.start_soon(self._serve_client, sock, address, name=_TASK_NAME)
         finally:
             if reserve is not None:
                 os.close(reserve)
 
-    async def _refuse_for_fds(self, listener: trio.socket.SocketType) -> None:
+    async def _refuse_for_fds(self, listener: socket.socket) -> None:
         try:
-            sock, _ = await listener.accept()
+            sock, _ = listener.accept()
         except OSError:
-            await trio.sleep(0.05)  # still none: back off rather than spin
+            await trio.sleep(0.05)  # still none (or nobody waiting): back off rather than spin
             return
         self._log.warning("out_of_file_descriptors", limit=fd_limit())
         with sock:
@@ -378,17 +392,19 @@ class Gateway:
                 headers=[("Retry-After", str(RETRY_AFTER))],
             )
             try:
+                sock.setblocking(False)
                 # Read the request first (briefly): closing with it unread would
                 # reset the connection and could destroy our answer.
                 with trio.move_on_after(0.2):
-                    await sock.recv(MAX_REQUEST_HEAD)
-                await sock.send(error_response(rejection))
+                    await trio.lowlevel.wait_readable(sock)
+                    sock.recv(MAX_REQUEST_HEAD)
+                sock.send(error_response(rejection))
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
 
     # -- one client ----------------------------------------------------------------
-    async def _serve_client(self, sock: trio.socket.SocketType, address: Any) -> None:
+    async def _serve_client(self, sock: socket.socket, address: Any) -> None:
         """The connection task: handshake, then relay. Never raises but Cancelled."""
         opened = await self._handshake(sock, address)
         # What the handshake read and decided dies with its frames: an idle pair
@@ -408,7 +424,7 @@ class Gateway:
             self._limiter.release_on_behalf_of(opened.slot)
             _run_cleanups(opened.cleanups, pair.stats(), pair.log)
 
-    async def _handshake(self, sock: trio.socket.SocketType, address: Any) -> _Opened | None:
+    async def _handshake(self, sock: socket.socket, address: Any) -> _Opened | None:
         """Read the request, run onHandshake, open the backend and answer 101.
 
         Returns the opened pair, or None once the client has been refused (and
@@ -471,13 +487,12 @@ class Gateway:
                     sock.close()
         return None
 
-    async def _open_client(self, sock: trio.socket.SocketType) -> Endpoint:
+    async def _open_client(self, sock: socket.socket) -> Endpoint:
         if self._server_ssl is None:
             # Straight from the accepted socket: a SocketStream would cost syscalls for nothing.
             # The request usually follows the connection at once: read before waiting.
-            return RawSocket(detach(sock), expect_data=True)
-        tls = TLSSocket(detach(sock), self._server_ssl, server_side=True)
-        # The caller's cleanup only sees the socket it passed, detached by now.
+            return RawSocket(sock, expect_data=True)
+        tls = TLSSocket(sock, self._server_ssl, server_side=True)
         try:
             await tls.do_handshake()
         except ssl.SSLError:
@@ -678,10 +693,8 @@ async def _read_request(
             return None
 
 
-async def bind_listeners(
-    listen: Listen, *, reuse_port: bool = False
-) -> list[trio.socket.SocketType]:
-    """Listening sockets for every address ``listen.host`` resolves to.
+async def bind_listeners(listen: Listen, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Non-blocking listening sockets for every address ``listen.host`` resolves to.
 
     With ``reuse_port``, SO_REUSEPORT lets several processes listen on one port
     and the kernel spreads new connections among them.
@@ -689,21 +702,22 @@ async def bind_listeners(
     infos = await trio.socket.getaddrinfo(
         listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
-    sockets: list[trio.socket.SocketType] = []
+    sockets: list[socket.socket] = []
     seen: set[tuple[int, Any]] = set()
     try:
         for family, kind, proto, _, address in infos:
             if (family, address) in seen:
                 continue
             seen.add((family, address))
-            sock = trio.socket.socket(family, kind, proto)
+            sock = socket.socket(family, kind, proto)
             sockets.append(sock)
+            sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await sock.bind(address)
+            sock.bind(address)
             sock.listen(1024)
     except BaseException:
         for sock in sockets:
