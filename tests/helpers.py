@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -72,7 +73,7 @@ class Response:
 class RawClient:
     """A WebSocket client over a plain TCP stream, frame by frame."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.proto = FrameProtocol(client=True, extensions=[])
         self.response: Response | None = None
@@ -86,8 +87,11 @@ class RawClient:
         headers: Headers | None = None,
         *,
         raw_request: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> RawClient:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_hostname="127.0.0.1")
         client = cls(stream)
         key = base64.b64encode(os.urandom(16)).decode()
         request = raw_request or _request(target, key, headers or [])

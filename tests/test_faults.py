@@ -42,7 +42,14 @@ from benchmarks.soak import (
     upgrade_request,
 )
 
-from .helpers import BackendRequest, RawBackend, accept_response, start_gateway, wait_until
+from .helpers import (
+    BackendRequest,
+    RawBackend,
+    RawClient,
+    accept_response,
+    start_gateway,
+    wait_until,
+)
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -936,3 +943,71 @@ async def test_wss_front_end_refuses_tls_below_1_2(nursery: trio.Nursery, tmp_pa
     # The refusal is the gateway's: it saw a ClientHello for a version it does not accept.
     for record in [r for r in logs if r["event"] == "tls_handshake_failed"]:
         assert "UNSUPPORTED_PROTOCOL" in record["error"], record
+
+
+async def test_wss_backpressure_and_order_through_the_tls_endpoint(
+    nursery: trio.Nursery, tmp_path: Path, engine: str
+) -> None:
+    """A wss client that stops reading stalls the backend; when it reads, all arrives in order.
+
+    The gateway's TLS leg parks mid-record with the socket full, and holds at
+    most one chunk of ciphertext while the backend is not read; then the client
+    closes and the backend hears of it.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    frames = [build_frame(BINARY, bytes([i]) * 65536, masked=False) for i in range(256)]
+    codes: list[int] = []
+    flooded = trio.Event()
+
+    async def script(request: BackendRequest, stream: trio.SocketStream, early: bytes) -> None:
+        await stream.send_all(accept_response(request))
+        for frame in frames:
+            await stream.send_all(frame)
+        flooded.set()
+        event = await Conn(stream, client=False, pending=early).next_event()
+        if event.kind == "close":
+            codes.append(event.code or 0)
+
+    backend: RawBackend = await nursery.start(RawBackend(script).serve)
+    gw = await start_gateway(
+        nursery,
+        backend.url,
+        close_timeout=CLOSE_TIMEOUT,
+        relay_engine=engine,
+        tls={"certificate": str(chain), "private_key": str(key)},
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    client = await RawClient.connect(port_of(gw), "/echo", ssl_context=context)
+    assert client.response is not None and client.response.status == 101
+    [pair] = gw.pairs.values()
+    previous = -1
+    while pair.bytes_from_backend != previous:  # until the gateway stops reading
+        previous = pair.bytes_from_backend
+        await trio.sleep(0.1)
+    assert not flooded.is_set()
+    assert pair.bytes_from_backend < 12 << 20  # 16 MiB sent: most of it still in the backend
+    assert pair.client.endpoint.dirty  # parked with ciphertext waiting for the socket
+    messages: list[bytes] = []
+    message = bytearray()
+    while len(messages) < len(frames):
+        # wsproto hands out frames in pieces, as the bytes arrive.
+        pieces = await client.receive_frames(1)
+        assert pieces, f"the stream ended after {len(messages)} messages"
+        for piece in pieces:
+            message += piece.payload
+            if piece.message_finished:
+                messages.append(bytes(message))
+                message.clear()
+    assert messages == [bytes([i]) * 65536 for i in range(256)]
+    await flooded.wait()
+    await client.close(1000)
+    assert (await client.receive_close())[0] == 1000
+    await client.aclose()
+    with trio.fail_after(CLOSE_TIMEOUT):
+        await wait_until(lambda: codes == [1000])
+        await wait_until(lambda: gw.stats().active_pairs == 0)
