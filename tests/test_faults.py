@@ -1011,3 +1011,45 @@ async def test_wss_backpressure_and_order_through_the_tls_endpoint(
     with trio.fail_after(CLOSE_TIMEOUT):
         await wait_until(lambda: codes == [1000])
         await wait_until(lambda: gw.stats().active_pairs == 0)
+
+
+async def test_wss_messages_sent_right_behind_the_request_are_all_relayed(
+    nursery: trio.Nursery, tmp_path: Path, engine: str
+) -> None:
+    """Frames that share TLS records with the request, or follow it before the 101, all go through.
+
+    The request is read into a small buffer, so most of these frames are still
+    buffered, decrypted or not, inside the gateway's TLS object when relaying
+    starts, with nothing more arriving on the socket to wake the pump.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    backend = await echo_backend(nursery)
+    gw = await start_gateway(
+        nursery,
+        backend.url,
+        relay_engine=engine,
+        tls={"certificate": str(chain), "private_key": str(key)},
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    tcp = await trio.open_tcp_stream("127.0.0.1", port_of(gw))
+    tls = trio.SSLStream(tcp, context, server_hostname="127.0.0.1")
+    payloads = [bytes([i]) * 1000 for i in range(40)]  # 40 KB: three TLS records or more
+    await tls.send_all(
+        upgrade_request("/echo/early")
+        + b"".join(build_frame(BINARY, p, masked=True) for p in payloads)
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await tls.receive_some(65536)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    conn = Conn(tls, client=True, pending=head.split(b"\r\n\r\n", 1)[1])
+    with trio.fail_after(5):  # a stalled relay would wait for bytes that never come
+        for payload in payloads:
+            event = await conn.next_event()
+            assert (event.kind, event.payload) == ("message", payload)
+    await conn.aclose()

@@ -161,7 +161,7 @@ class TLSSocket:
     interleave.
     """
 
-    __slots__ = ("_backlog", "_eof", "_fd", "_in", "_out", "_tls", "dirty", "sock")
+    __slots__ = ("_backlog", "_eof", "_fd", "_in", "_more", "_out", "_tls", "dirty", "sock")
 
     def __init__(
         self,
@@ -184,6 +184,9 @@ class TLSSocket:
         )
         self._backlog = bytearray()  # ciphertext the socket has not taken yet, in order
         self._eof = False  # close_notify or the end of the TCP stream seen
+        # The last read filled its buffer: whole records may wait in the BIO with
+        # nothing left on the socket to say so (a request read, say, into 8 KiB).
+        self._more = False
         #: True while ciphertext waits for the socket: the peer may hold half a record.
         self.dirty = False
 
@@ -227,6 +230,8 @@ class TLSSocket:
 
     def wait_readable(self) -> Awaitable[None]:
         """Wait until :meth:`recv_nowait` may have something (see its -1 rule)."""
+        if self._more:
+            return trio.lowlevel.checkpoint()  # noqa: ASYNC105 (awaited by the caller)
         return trio.lowlevel.wait_readable(self._fd)  # noqa: ASYNC105 (awaited by the caller)
 
     async def recv_into(self, buf: memoryview) -> int:
@@ -299,6 +304,7 @@ class TLSSocket:
     def _decrypt(self, buf: memoryview) -> int:
         """Decrypt the complete records buffered, as much as ``buf`` holds."""
         got = 0
+        self._more = False
         try:
             while got < len(buf):
                 # With a buffer, read() returns the count (typeshed says bytes).
@@ -309,6 +315,8 @@ class TLSSocket:
                 got += n
                 if not self._in.pending and not self._tls.pending():
                     break
+            else:
+                self._more = True  # buf is full: more may be buffered
         except ssl.SSLWantReadError:
             pass  # the rest of a record is still on its way
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
