@@ -237,6 +237,13 @@ class WsgateTLS(Wsgate):
     description = "wsgate with `[gateway.tls]` (certificate from trustme)"
 
 
+class WsgateReactorTLS(WsgateReactor):
+    name = "wsgate-reactor-tls"
+    color = "#c5b0d5"
+    tls = True
+    description = 'wsgate-tls with `relay_engine = "reactor"`'
+
+
 class TrioNaive(Target):
     name = "trio-naive"
     color = "#ff7f0e"
@@ -359,5 +366,5 @@ PLAIN = {
 HANDSHAKES_ONLY = {cls.name: cls for cls in (WsgateJWT,)}
 #: Targets a run measures only when named with --targets.
 OPTIONAL: dict[str, type[Target]] = {WsgateMetrics.name: WsgateMetrics}
-TLS = {cls.name: cls for cls in (WsgateTLS, NginxTLS)}
+TLS = {cls.name: cls for cls in (WsgateTLS, WsgateReactorTLS, NginxTLS)}
 ALL: dict[str, type[Target]] = {**PLAIN, **OPTIONAL, **TLS, **HANDSHAKES_ONLY}

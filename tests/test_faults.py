@@ -985,6 +985,7 @@ async def test_wss_backpressure_and_order_through_the_tls_endpoint(
     client = await RawClient.connect(port_of(gw), "/echo", ssl_context=context)
     assert client.response is not None and client.response.status == 101
     [pair] = gw.pairs.values()
+    assert pair.engine == engine  # the reactor pumps TLS legs too
     previous = -1
     while pair.bytes_from_backend != previous:  # until the gateway stops reading
         previous = pair.bytes_from_backend
@@ -1048,6 +1049,8 @@ async def test_wss_messages_sent_right_behind_the_request_are_all_relayed(
         head += await tls.receive_some(65536)
     assert head.startswith(b"HTTP/1.1 101"), head
     conn = Conn(tls, client=True, pending=head.split(b"\r\n\r\n", 1)[1])
+    [pair] = gw.pairs.values()
+    assert pair.engine == engine
     with trio.fail_after(5):  # a stalled relay would wait for bytes that never come
         for payload in payloads:
             event = await conn.next_event()

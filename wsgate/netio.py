@@ -205,9 +205,8 @@ class TLSSocket:
                 await trio.lowlevel.wait_readable(self._fd)
                 self._fill()
             except ssl.SSLError:
-                self._backlog += self._out.read()
                 with contextlib.suppress(trio.BrokenResourceError):
-                    self._push()
+                    self.push_nowait()
                 raise
             else:
                 await self._flush()
@@ -246,11 +245,46 @@ class TLSSocket:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send every byte; waits only while the socket is full."""
+        if not self.write_nowait(data):
+            await self._flush()
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Encrypt ``data`` and send what the socket takes now; True if nothing waits.
+
+        Otherwise the rest waits, in order, for :meth:`push_nowait` (the
+        reactor's send; the pump's is :meth:`send_all`).
+        """
         try:
             self._tls.write(data)
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS: {exc}") from exc
-        await self._flush()
+        return self.push_nowait()
+
+    def push_nowait(self) -> bool:
+        """Send what the socket takes of the ciphertext waiting; True when none is left."""
+        if self._out.pending:
+            if self._backlog:
+                self._backlog += self._out.read()
+            else:  # the usual case: no copy unless the socket is full
+                data = self._out.read()
+                try:
+                    sent = self.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"TLS transport: {exc}") from exc
+                if sent == len(data):
+                    return True
+                self._backlog += memoryview(data)[sent:]
+                return False
+        if self._backlog:
+            self._push()
+        return not self._backlog
+
+    @property
+    def buffered(self) -> bool:
+        """Whole records may wait in the TLS object: read before waiting on the socket."""
+        return self._more
 
     def half_close(self) -> None:
         """Nothing to do: TLS has no half-close; :meth:`close` sends close_notify."""
@@ -324,8 +358,7 @@ class TLSSocket:
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS: {exc}") from exc
         if self._out.pending:  # an answer to a post-handshake message (a key update)
-            self._backlog += self._out.read()
-            self._push()
+            self.push_nowait()
         return got
 
     def _push(self) -> None:
@@ -339,18 +372,15 @@ class TLSSocket:
         del self._backlog[:sent]
 
     async def _flush(self) -> None:
-        """Send the backlog and what the TLS object produced; waits while the socket is full."""
-        if self._out.pending:
-            self._backlog += self._out.read()
-        if not self._backlog:
+        """Send all the ciphertext waiting; waits while the socket is full."""
+        if self.push_nowait():
             return
-        self._push()
-        if self._backlog:
-            self.dirty = True
-            while self._backlog:
-                await trio.lowlevel.wait_writable(self._fd)
-                self._push()
-            self.dirty = False
+        self.dirty = True
+        while True:
+            await trio.lowlevel.wait_writable(self._fd)
+            if self.push_nowait():
+                break
+        self.dirty = False
 
 
 #: Ciphertext read from a TLS socket: copied into its BIO before any await.

@@ -13,7 +13,10 @@ bytes, ``send`` them on. When a send is short, the rest waits for the
 destination's writability and the source is not read meanwhile (backpressure:
 at most one chunk is ever held per direction).
 
-Pairs with a TLS leg or a message-rate limiter keep the "tasks" engine.
+A TLS leg (:class:`~wsgate.netio.TLSSocket`) is pumped here too: it is read
+and written through its ``ssl.MemoryBIO`` without waiting, and its waiting
+ciphertext counts as the bytes held for that socket. Pairs with a
+message-rate limiter keep the "tasks" engine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from .netio import SHARED_BUFFER, RawSocket
+from .netio import SHARED_BUFFER, RawSocket, TLSSocket
 
 if TYPE_CHECKING:
     from .relay import Pair, _Side
@@ -34,19 +37,24 @@ _OUT = select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
 #: Ready sockets served per wake-up; the rest wait one trip through the scheduler.
 _BATCH = 256
+#: ``_Leg.pending`` of a TLS leg whose ciphertext waits inside its TLSSocket.
+_IN_TLS_BACKLOG = memoryview(b"tls")
+#: What a failed read or send raises: the socket's peer is gone.
+_BROKEN = (OSError, trio.BrokenResourceError)
 
 
 class _Leg:
     """A registered socket: which pair, which side reads from it, which side it feeds."""
 
-    __slots__ = ("fd", "mask", "out", "pair", "peer", "pending", "scanned", "side", "sock")
+    __slots__ = ("fd", "mask", "out", "pair", "peer", "pending", "scanned", "side", "sock", "tls")
 
     def __init__(self, pair: Pair, side: _Side, peer: _Side) -> None:
-        assert isinstance(side.endpoint, RawSocket)
+        endpoint = side.endpoint
         self.pair = pair
         self.side = side
         self.peer = peer
-        self.sock = side.endpoint.sock
+        self.sock = endpoint.sock
+        self.tls = endpoint if isinstance(endpoint, TLSSocket) else None
         self.fd = self.sock.fileno()
         self.mask = 0  # what epoll watches for this fd (0: not registered)
         self.out: _Leg = self  # the peer's leg, where our bytes go (set by Reactor.add)
@@ -64,10 +72,10 @@ class Reactor:
 
     @staticmethod
     def accepts(pair: Pair) -> bool:
-        """Whether ``pair`` can be pumped here (plain sockets both ways, no meter)."""
+        """Whether ``pair`` can be pumped here (any socket endpoints, no meter)."""
         return (
-            isinstance(pair.client.endpoint, RawSocket)
-            and isinstance(pair.backend.endpoint, RawSocket)
+            isinstance(pair.client.endpoint, RawSocket | TLSSocket)
+            and isinstance(pair.backend.endpoint, RawSocket | TLSSocket)
             and pair.limiter is None
         )
 
@@ -83,11 +91,15 @@ class Reactor:
                 return
         self._watch(client)
         self._watch(backend)
+        # Records a handshake read left whole in a TLS object: no readiness will announce them.
+        now = trio.current_time()
+        for leg in (client, backend):
+            if leg.tls is not None and leg.tls.buffered and leg.mask & _IN:
+                self._read(leg, now)
 
     def remove(self, pair: Pair) -> None:
         """Stop pumping ``pair`` (idempotent); its owner then closes the sockets."""
         for side in (pair.client, pair.backend):
-            assert isinstance(side.endpoint, RawSocket)
             leg = self._legs.get(side.endpoint.sock.fileno())
             if leg is not None and leg.pair is pair:
                 self._forget(leg)
@@ -120,12 +132,20 @@ class Reactor:
 
     # -- per socket --------------------------------------------------------------------
     def _read(self, leg: _Leg, now: float) -> None:
-        try:
-            n = leg.sock.recv_into(SHARED_BUFFER)
-        except BlockingIOError:
-            return
-        except OSError:
-            n = 0
+        if leg.tls is None:
+            try:
+                n = leg.sock.recv_into(SHARED_BUFFER)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+        else:
+            try:
+                n = leg.tls.recv_nowait(SHARED_BUFFER)
+            except _BROKEN:
+                n = 0
+            if n < 0:
+                return  # part of a record: the rest will make the socket readable
         pair = leg.pair
         if n == 0:
             self._drop(pair)
@@ -145,10 +165,13 @@ class Reactor:
         if count:
             out = leg.out
             try:
-                sent = out.sock.send(data[:count])
+                if out.tls is None:
+                    sent = out.sock.send(data[:count])
+                else:
+                    sent = count if out.tls.write_nowait(data[:count]) else -1
             except BlockingIOError:
                 sent = 0
-            except OSError:
+            except _BROKEN:
                 self._drop(pair)
                 leg.peer.gone = True
                 pair.source_ended(leg.peer)
@@ -156,7 +179,7 @@ class Reactor:
             if sent < count:
                 # Hold the rest (copied: the buffer is shared) and stop reading
                 # this side until it is out; the pair hears of it only then.
-                out.pending = memoryview(bytes(data[sent:count]))
+                out.pending = _IN_TLS_BACKLOG if sent < 0 else memoryview(bytes(data[sent:count]))
                 out.scanned = count
                 out.side.endpoint.dirty = True
                 self._watch(leg)
@@ -173,15 +196,17 @@ class Reactor:
     def _flush(self, out: _Leg) -> None:
         assert out.pending is not None
         try:
-            sent = out.sock.send(out.pending)
+            if out.tls is None:
+                out.pending = out.pending[out.sock.send(out.pending) :]
+            elif out.tls.push_nowait():
+                out.pending = out.pending[:0]
         except BlockingIOError:
             return
-        except OSError:
+        except _BROKEN:
             self._drop(out.pair)
             out.side.gone = True
             out.pair.source_ended(out.side)
             return
-        out.pending = out.pending[sent:]
         if out.pending:
             return
         out.pending = None
@@ -224,6 +249,4 @@ class Reactor:
 
 
 def _fd(side: _Side) -> int:
-    endpoint = side.endpoint
-    assert isinstance(endpoint, RawSocket)
-    return endpoint.sock.fileno()
+    return side.endpoint.sock.fileno()

@@ -126,6 +126,11 @@ class Pair:
         """
         return self._gateway_log.bind(correlation_id=self.correlation_id, api_id=self.api)
 
+    @property
+    def engine(self) -> str:
+        """What pumps this pair: ``"reactor"``, or ``"tasks"`` (also the reactor's fallback)."""
+        return "tasks" if self._reactor is None else "reactor"
+
     # -- live statistics -------------------------------------------------------------
     @property
     def messages_from_client(self) -> int:
