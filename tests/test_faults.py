@@ -9,6 +9,7 @@ command backend and the /proc accounting come from :mod:`benchmarks.soak`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import socket
 import ssl
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -1056,3 +1058,47 @@ async def test_wss_messages_sent_right_behind_the_request_are_all_relayed(
             event = await conn.next_event()
             assert (event.kind, event.payload) == ("message", payload)
     await conn.aclose()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_a_finished_pair_is_freed_without_the_garbage_collector(
+    nursery: trio.Nursery, tmp_path: Path, engine: str, tls: bool
+) -> None:
+    """Nothing of a finished pair may wait for the cyclic garbage collector.
+
+    A TLS leg's buffers live in OpenSSL, where the collector does not see them:
+    while the reactor's two legs of a pair pointed at each other, 40 churning
+    wss clients grew the gateway's RSS by 50 MiB in a minute.
+    """
+    backend = await echo_backend(nursery)
+    settings: dict[str, Any] = {"relay_engine": engine}
+    context = None
+    if tls:
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key))
+        settings["tls"] = {"certificate": str(chain), "private_key": str(key)}
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+    gw = await start_gateway(nursery, backend.url, **settings)
+    gc.collect()
+    gc.disable()
+    try:
+        client = await RawClient.connect(port_of(gw), "/echo/freed", ssl_context=context)
+        await client.send_binary(b"ping")
+        [echo] = await client.receive_frames(1)
+        assert echo.payload == b"ping"
+        [pair] = gw.pairs.values()
+        assert pair.engine == engine
+        freed = weakref.ref(pair)
+        del pair
+        await client.close(1000)
+        assert (await client.receive_close())[0] == 1000
+        await client.aclose()
+        with trio.fail_after(5):
+            await wait_until(lambda: not gw.pairs)
+            await wait_until(lambda: freed() is None)
+    finally:
+        gc.enable()

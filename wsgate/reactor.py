@@ -127,6 +127,7 @@ class Reactor:
                         self._log.exception("reactor_pair_failed")
                         self._drop(leg.pair)
                         leg.pair.fail()
+                leg = None  # the last leg served must not keep its pair alive until the next batch
         finally:
             self._epoll.close()
 
@@ -240,6 +241,11 @@ class Reactor:
             self._epoll.unregister(leg.fd)
             leg.mask = 0
         self._legs.pop(leg.fd, None)
+        # The two legs of a pair point at each other: break that cycle, so the
+        # pair is freed as soon as its owner lets go, not at the next full
+        # garbage collection. A TLS leg's buffers live in OpenSSL, where the
+        # collector does not see them: 40 pairs churning grew RSS 50 MiB.
+        del leg.out
 
     def _drop(self, pair: Pair) -> None:
         for side in (pair.client, pair.backend):
