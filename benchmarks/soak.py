@@ -36,6 +36,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -153,7 +154,7 @@ class Event:
 class Conn:
     """One side of a WebSocket connection over a trio stream, message by message."""
 
-    def __init__(self, stream: trio.SocketStream, *, client: bool, pending: bytes = b"") -> None:
+    def __init__(self, stream: trio.abc.Stream, *, client: bool, pending: bytes = b"") -> None:
         self.stream = stream
         self.client = client
         self.parser = FrameParser(masked=not client)
@@ -247,13 +248,26 @@ class Conn:
         await self.stream.aclose()
 
 
-def reset(stream: trio.SocketStream) -> None:
-    """Close ``stream`` at once with a TCP reset."""
+def reset(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` at once with a TCP reset (under TLS too: no close_notify)."""
+    sock = socket_of(stream)
     try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
-    stream.socket.close()
+    sock.close()
+
+
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    """The TCP socket under ``stream`` (a SocketStream, or an SSLStream over one)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream.socket
+
+
+#: Set by ``soak --tls``: sessions then connect with wss://, trusting this context.
+CLIENT_TLS: ssl.SSLContext | None = None
 
 
 def upgrade_request(
@@ -279,7 +293,7 @@ class Handshake:
     conn: Conn | None  # the open connection after a 101
 
 
-async def read_head(stream: trio.SocketStream, limit: int = 65536) -> tuple[bytes, bytes]:
+async def read_head(stream: trio.abc.Stream, limit: int = 65536) -> tuple[bytes, bytes]:
     """An HTTP head (up to the blank line) and the bytes read after it."""
     data = bytearray()
     while b"\r\n\r\n" not in data:
@@ -302,7 +316,9 @@ async def connect(
     host: str = "127.0.0.1",
 ) -> Handshake:
     """Open a WebSocket through the gateway; a refusal's body is read to its end."""
-    stream = await trio.open_tcp_stream(host, port)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if CLIENT_TLS is not None:
+        stream = trio.SSLStream(stream, CLIENT_TLS, server_hostname=host)
     try:
         await stream.send_all(request or upgrade_request(target, headers))
         head, rest = await read_head(stream)
@@ -929,7 +945,7 @@ async def _session(
     except ValueError as exc:
         load.problem(f"session {session}: {exc}")
     finally:
-        if conn.stream.socket.fileno() != -1:
+        if socket_of(conn.stream).fileno() != -1:
             conn.abort()
 
 
@@ -1070,11 +1086,12 @@ def _percentile(values: list[float], p: float) -> float:
 
 async def soak(args: argparse.Namespace) -> int:
     """Run the soak; print the summary; 0 if it passed."""
+    global CLIENT_TLS
     raise_nofile()
-    async with trio.open_nursery() as nursery:
-        backend: Backend = await nursery.start(Backend().serve)
-        gw = GatewayProcess(
-            gateway_config(
+    with tempfile.TemporaryDirectory(prefix="wsgate-soak-tls-") as tls_dir:
+        async with trio.open_nursery() as nursery:
+            backend: Backend = await nursery.start(Backend().serve)
+            config = gateway_config(
                 {"echo": backend.url},
                 # 2 MiB messages from the backend (!big); 64 KiB flood frames.
                 api={"max_message_size": 4 << 20},
@@ -1082,19 +1099,34 @@ async def soak(args: argparse.Namespace) -> int:
                 close_timeout=5,
                 drain_timeout=10,
                 relay_engine=args.engine,
-            ),
-            probe=True,
-            keep_lines=2000,
-        )
-        await gw.start(nursery)
-        try:
-            run = await _load(args, backend, gw)
-        finally:
-            await gw.aclose()
-            nursery.cancel_scope.cancel()
+            )
+            if args.tls:
+                config, CLIENT_TLS = _with_tls(config, Path(tls_dir))
+            gw = GatewayProcess(config, probe=True, keep_lines=2000)
+            await gw.start(nursery)
+            try:
+                run = await _load(args, backend, gw)
+            finally:
+                await gw.aclose()
+                nursery.cancel_scope.cancel()
     failures = _verdict(run)
     print("\n".join(_summary(run, failures)), flush=True)
     return 1 if failures else 0
+
+
+def _with_tls(config: str, directory: Path) -> tuple[str, ssl.SSLContext]:
+    """``config`` with a ``[gateway.tls]`` table, and a client context that trusts it."""
+    import trustme  # a test dependency: only --tls needs it
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain, key = directory / "chain.pem", directory / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    table = f'\n[gateway.tls]\ncertificate = "{chain}"\nprivate_key = "{key}"\n'
+    return config + table, client
 
 
 def _sample(gw: GatewayProcess, started: float, tasks: int | None = None) -> Sample:
@@ -1251,6 +1283,7 @@ def _summary(run: Run, failures: list[str]) -> list[str]:
         "=" * 72,
         f"load         {run.seconds:.0f} s (asked {args.duration:.0f} s), {args.concurrency} "
         f"churning workers, {args.residents} resident sessions, {args.engine} engine, "
+        f"{'wss' if args.tls else 'ws'} front end, "
         f"seed {args.seed}",
         f"sessions     {load.sessions} opened; ended: "
         + ", ".join(f"{k} {v}" for k, v in sorted(load.endings.items())),
@@ -1316,6 +1349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--engine", choices=["tasks", "reactor"], default="tasks", help="relay_engine to soak"
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="a wss:// front end (certificate from trustme)"
     )
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument(
