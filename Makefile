@@ -81,7 +81,7 @@ fuzz: $(FUZZ_STAMP)
 	$(BIN)/python tests/fuzz/fuzz_handshake.py -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=2048 -artifact_prefix=.fuzz/crashes/ .fuzz/handshake tests/fuzz/corpus/handshake tests/fuzz/regressions/handshake
 
 ## Soak: 10,000 churned pairs per relay engine in process, then a gateway process under
-## mixed load for SOAK_DURATION s with a 1 GiB flood (SOAK_ARGS='--engine reactor' ...).
+## mixed load for SOAK_DURATION s with a 1 GiB flood (SOAK_ARGS='--engine reactor --tls' ...).
 soak: $(STAMP)
 	WSGATE_CHURN_PAIRS=10000 $(BIN)/python -m pytest -q tests/test_churn.py
 	$(BIN)/python -m benchmarks.soak --duration $(SOAK_DURATION) $(SOAK_ARGS)
