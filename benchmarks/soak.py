@@ -1116,7 +1116,18 @@ async def soak(args: argparse.Namespace) -> int:
 
 def _with_tls(config: str, directory: Path) -> tuple[str, ssl.SSLContext]:
     """``config`` with a ``[gateway.tls]`` table, and a client context that trusts it."""
-    import trustme  # a test dependency: only --tls needs it
+    settings, client, _ = tls_certificate(directory)
+    table = "\n[gateway.tls]\n" + "".join(f'{k} = "{v}"\n' for k, v in settings.items())
+    return config + table, client
+
+
+def tls_certificate(directory: Path) -> tuple[dict[str, str], ssl.SSLContext, Any]:
+    """A fresh trustme certificate for 127.0.0.1 written to ``directory``.
+
+    Returns the ``[gateway.tls]`` settings, a client context trusting the
+    certificate, and its ``trustme.CA``.
+    """
+    import trustme  # a test dependency: only --tls and the tests need it
 
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
@@ -1125,8 +1136,7 @@ def _with_tls(config: str, directory: Path) -> tuple[str, ssl.SSLContext]:
     cert.private_key_pem.write_to_path(str(key))
     client = ssl.create_default_context()
     ca.configure_trust(client)
-    table = f'\n[gateway.tls]\ncertificate = "{chain}"\nprivate_key = "{key}"\n'
-    return config + table, client
+    return {"certificate": str(chain), "private_key": str(key)}, client, ca
 
 
 def _sample(gw: GatewayProcess, started: float, tasks: int | None = None) -> Sample:

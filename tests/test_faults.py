@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import trio
-import trustme
 from structlog.testing import capture_logs
 
 from benchmarks.soak import (
@@ -41,6 +40,7 @@ from benchmarks.soak import (
     raise_nofile,
     read_head,
     reset,
+    tls_certificate,
     upgrade_request,
 )
 
@@ -902,16 +902,10 @@ async def test_no_client_input_can_choose_the_backend_host(nursery: trio.Nursery
 
 
 async def test_wss_front_end_refuses_tls_below_1_2(nursery: trio.Nursery, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
-    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key))
+    tls, _, ca = tls_certificate(tmp_path)
     backend = await echo_backend(nursery)
     with capture_logs() as logs:
-        gw = await start_gateway(
-            nursery, backend.url, tls={"certificate": str(chain), "private_key": str(key)}
-        )
+        gw = await start_gateway(nursery, backend.url, tls=tls)
 
         def client_context(version: ssl.TLSVersion) -> ssl.SSLContext:
             context = ssl.create_default_context()
@@ -956,11 +950,7 @@ async def test_wss_backpressure_and_order_through_the_tls_endpoint(
     most one chunk of ciphertext while the backend is not read; then the client
     closes and the backend hears of it.
     """
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
-    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key))
+    tls, context, _ = tls_certificate(tmp_path)
     frames = [build_frame(BINARY, bytes([i]) * 65536, masked=False) for i in range(256)]
     codes: list[int] = []
     flooded = trio.Event()
@@ -980,10 +970,8 @@ async def test_wss_backpressure_and_order_through_the_tls_endpoint(
         backend.url,
         close_timeout=CLOSE_TIMEOUT,
         relay_engine=engine,
-        tls={"certificate": str(chain), "private_key": str(key)},
+        tls=tls,
     )
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
     client = await RawClient.connect(port_of(gw), "/echo", ssl_context=context)
     assert client.response is not None and client.response.status == 101
     [pair] = gw.pairs.values()
@@ -1025,20 +1013,9 @@ async def test_wss_messages_sent_right_behind_the_request_are_all_relayed(
     buffered, decrypted or not, inside the gateway's TLS object when relaying
     starts, with nothing more arriving on the socket to wake the pump.
     """
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
-    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key))
+    settings, context, _ = tls_certificate(tmp_path)
     backend = await echo_backend(nursery)
-    gw = await start_gateway(
-        nursery,
-        backend.url,
-        relay_engine=engine,
-        tls={"certificate": str(chain), "private_key": str(key)},
-    )
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
+    gw = await start_gateway(nursery, backend.url, relay_engine=engine, tls=settings)
     tcp = await trio.open_tcp_stream("127.0.0.1", port_of(gw))
     tls = trio.SSLStream(tcp, context, server_hostname="127.0.0.1")
     payloads = [bytes([i]) * 1000 for i in range(40)]  # 40 KB: three TLS records or more
@@ -1074,14 +1051,7 @@ async def test_a_finished_pair_is_freed_without_the_garbage_collector(
     settings: dict[str, Any] = {"relay_engine": engine}
     context = None
     if tls:
-        ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1")
-        chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
-        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-        cert.private_key_pem.write_to_path(str(key))
-        settings["tls"] = {"certificate": str(chain), "private_key": str(key)}
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
+        settings["tls"], context, _ = tls_certificate(tmp_path)
     gw = await start_gateway(nursery, backend.url, **settings)
     gc.collect()
     gc.disable()

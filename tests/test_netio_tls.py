@@ -32,13 +32,19 @@ def contexts(ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-async def tls_pair(ca: trustme.CA) -> tuple[TLSSocket, TLSSocket]:
-    """A server and a client TLSSocket over one TCP connection on 127.0.0.1, handshaken."""
-    server_context, client_context = contexts(ca)
+def connected() -> tuple[socket.socket, socket.socket]:
+    """Both ends of one TCP connection on 127.0.0.1: (server, client)."""
     listener = socket.create_server(("127.0.0.1", 0))
     client_sock = socket.create_connection(listener.getsockname())
     server_sock, _ = listener.accept()
     listener.close()
+    return server_sock, client_sock
+
+
+async def tls_pair(ca: trustme.CA) -> tuple[TLSSocket, TLSSocket]:
+    """A server and a client TLSSocket over one TCP connection on 127.0.0.1, handshaken."""
+    server_context, client_context = contexts(ca)
+    server_sock, client_sock = connected()
     server = TLSSocket(server_sock, server_context, server_side=True)
     client = TLSSocket(client_sock, client_context, server_side=False, server_hostname="127.0.0.1")
     async with trio.open_nursery() as nursery:
@@ -203,10 +209,7 @@ async def test_a_failed_handshake_raises_ssl_error_and_sends_the_alert(
 ) -> None:
     server_context, _ = contexts(ca)
     untrusting = ssl.create_default_context()  # does not trust ca
-    listener = socket.create_server(("127.0.0.1", 0))
-    client_sock = socket.create_connection(listener.getsockname())
-    server_sock, _ = listener.accept()
-    listener.close()
+    server_sock, client_sock = connected()
     server = TLSSocket(server_sock, server_context, server_side=True)
     client = TLSSocket(client_sock, untrusting, server_side=False, server_hostname="127.0.0.1")
     client_error: list[ssl.SSLError] = []
@@ -216,7 +219,6 @@ async def test_a_failed_handshake_raises_ssl_error_and_sends_the_alert(
             await client.do_handshake()
         except ssl.SSLCertVerificationError as exc:
             client_error.append(exc)
-            client.sock.close()
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -225,4 +227,6 @@ async def test_a_failed_handshake_raises_ssl_error_and_sends_the_alert(
             with pytest.raises(ssl.SSLError, match=r"(?i)unknown ca|certificate"):
                 await server.do_handshake()
     assert client_error and client_error[0].verify_code != 0
-    server.abort()
+    # Each side closed its socket itself, after its alert, without a reset.
+    assert client.sock.fileno() == -1
+    assert server.sock.fileno() == -1

@@ -78,9 +78,6 @@ async def open_backend(
             if isinstance(endpoint, TLSSocket):
                 await endpoint.do_handshake()
             accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
-        except ssl.SSLError:
-            endpoint.sock.close()  # no reset: it could destroy the alert telling the backend why
-            raise
         except BaseException:
             endpoint.abort()
             raise

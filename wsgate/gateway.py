@@ -495,11 +495,8 @@ class Gateway:
         tls = TLSSocket(sock, self._server_ssl, server_side=True)
         try:
             await tls.do_handshake()
-        except ssl.SSLError:
-            tls.sock.close()  # no reset: it could destroy the alert telling the client why
-            raise
         except BaseException:
-            tls.abort()
+            tls.abort()  # the caller's cleanup only knows the socket it passed us
             raise
         return tls
 

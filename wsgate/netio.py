@@ -193,9 +193,9 @@ class TLSSocket:
     async def do_handshake(self) -> None:
         """Run the TLS handshake; raises :class:`ssl.SSLError` when it fails.
 
-        On failure the alert saying why has been handed to the socket: close it
-        without a reset, which could destroy it. The caller bounds the handshake
-        with a cancel scope.
+        On failure the alert saying why is sent and the socket closed, without
+        the reset an :meth:`abort` would send, which could destroy the alert.
+        The caller bounds the handshake with a cancel scope.
         """
         while True:
             try:
@@ -207,6 +207,7 @@ class TLSSocket:
             except ssl.SSLError:
                 with contextlib.suppress(trio.BrokenResourceError):
                     self.push_nowait()
+                self.sock.close()
                 raise
             else:
                 await self._flush()
