@@ -463,9 +463,8 @@ class Gateway:
             )
         except PEER_GONE:
             pass  # the client left before its request was complete: nothing to answer
-        except (
-            ssl.SSLError
-        ) as exc:  # only the TLS handshake raises it; the client got no request in
+        except ssl.SSLError as exc:
+            # Only the TLS handshake raises it: the client got no request in.
             log.info("tls_handshake_failed", caller_ip_address=address[0], error=str(exc))
         except Exception as exc:
             log.exception("connection_failed")
