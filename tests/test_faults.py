@@ -9,6 +9,7 @@ command backend and the /proc accounting come from :mod:`benchmarks.soak`.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -43,6 +44,7 @@ from benchmarks.soak import (
     tls_certificate,
     upgrade_request,
 )
+from wsgate.echo import serve_echo
 
 from .helpers import (
     BackendRequest,
@@ -901,6 +903,21 @@ async def test_no_client_input_can_choose_the_backend_host(nursery: trio.Nursery
 # -- TLS -----------------------------------------------------------------------------------
 
 
+async def receive_messages(client: RawClient, count: int) -> list[bytes]:
+    """The next ``count`` data messages, reassembled (wsproto hands out frames in pieces)."""
+    messages: list[bytes] = []
+    message = bytearray()
+    while len(messages) < count:
+        pieces = await client.receive_frames(1)
+        assert pieces, f"the stream ended after {len(messages)} messages"
+        for piece in pieces:
+            message += piece.payload
+            if piece.message_finished:
+                messages.append(bytes(message))
+                message.clear()
+    return messages
+
+
 async def test_wss_front_end_refuses_tls_below_1_2(nursery: trio.Nursery, tmp_path: Path) -> None:
     tls, _, ca = tls_certificate(tmp_path)
     backend = await echo_backend(nursery)
@@ -983,17 +1000,7 @@ async def test_wss_backpressure_and_order_through_the_tls_endpoint(
     assert not flooded.is_set()
     assert pair.bytes_from_backend < 12 << 20  # 16 MiB sent: most of it still in the backend
     assert pair.client.endpoint.dirty  # parked with ciphertext waiting for the socket
-    messages: list[bytes] = []
-    message = bytearray()
-    while len(messages) < len(frames):
-        # wsproto hands out frames in pieces, as the bytes arrive.
-        pieces = await client.receive_frames(1)
-        assert pieces, f"the stream ended after {len(messages)} messages"
-        for piece in pieces:
-            message += piece.payload
-            if piece.message_finished:
-                messages.append(bytes(message))
-                message.clear()
+    messages = await receive_messages(client, len(frames))
     assert messages == [bytes([i]) * 65536 for i in range(256)]
     await flooded.wait()
     await client.close(1000)
@@ -1072,3 +1079,31 @@ async def test_a_finished_pair_is_freed_without_the_garbage_collector(
             await wait_until(lambda: freed() is None)
     finally:
         gc.enable()
+
+
+async def test_a_wss_backend_relays_both_ways_with_either_engine(
+    nursery: trio.Nursery, tmp_path: Path, engine: str
+) -> None:
+    settings, _, ca = tls_certificate(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(settings["certificate"], settings["private_key"])
+    port = await nursery.start(functools.partial(serve_echo, "127.0.0.1", 0, ssl_context=server))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    gw = await start_gateway(
+        nursery,
+        f"wss://127.0.0.1:{port}/echo",
+        relay_engine=engine,
+        api={"backend_ca_file": str(ca_file)},
+    )
+    client = await RawClient.connect(port_of(gw), "/echo")
+    [pair] = gw.pairs.values()
+    assert pair.engine == engine
+    sent = [os.urandom(300_000), *(bytes([i]) * 100 for i in range(50)), os.urandom(70_000)]
+    for message in sent:
+        await client.send_binary(message)
+    assert await receive_messages(client, len(sent)) == sent
+    await client.close(1000)
+    assert (await client.receive_close())[0] == 1000
+    await client.aclose()
+    await wait_until(lambda: not gw.pairs)
