@@ -199,8 +199,9 @@ class Reactor:
         try:
             if out.tls is None:
                 out.pending = out.pending[out.sock.send(out.pending) :]
-            elif out.tls.push_nowait():
-                out.pending = out.pending[:0]
+                done = not out.pending
+            else:
+                done = out.tls.push_nowait()
         except BlockingIOError:
             return
         except _BROKEN:
@@ -208,7 +209,7 @@ class Reactor:
             out.side.gone = True
             out.pair.source_ended(out.side)
             return
-        if out.pending:
+        if not done:
             return
         out.pending = None
         out.side.endpoint.dirty = False
