@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--jwt", action="store_true", help="the API runs validate-jwt (wsgate-jwt's config)"
     )
+    p.add_argument(
+        "--engine", choices=("tasks", "reactor"), default="tasks", help="[gateway] relay_engine"
+    )
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--profiler", choices=("cprofile", "py-spy"), default="cprofile")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             gateway = (ProfiledWsgateJWT if args.jwt else ProfiledWsgate)(workdir, port, stats_path)
         else:
             gateway = (WsgateJWT if args.jwt else Wsgate)(workdir, port)
+        if args.engine != "tasks":
+            gateway.engine = args.engine
         gateway.start()
         assert gateway.proc is not None
         gen = LoadGenerator(args.processes)
