@@ -38,9 +38,11 @@ from typing import Any
 
 from . import procs
 from .run import RESULTS
-from .targets import PATH, ROOT, Wsgate, WsgateMetrics, WsgateReactor
+from .targets import PATH, ROOT, Wsgate, WsgateMetrics, WsgateQuiet, WsgateReactor
 
-TARGETS: dict[str, type[Wsgate]] = {t.name: t for t in (Wsgate, WsgateMetrics, WsgateReactor)}
+TARGETS: dict[str, type[Wsgate]] = {
+    t.name: t for t in (Wsgate, WsgateMetrics, WsgateReactor, WsgateQuiet)
+}
 
 
 def _frame(payload: bytes) -> bytes:

@@ -176,6 +176,13 @@ class WsgateMetrics(Wsgate):
         return f'\n[admin]\nlisten = "127.0.0.1:{procs.free_port()}"\n'
 
 
+class WsgateQuiet(Wsgate):
+    name = "wsgate-quiet"
+    color = "#aec7e8"
+    description = "wsgate with `--log-level warning`: no per-connection log records"
+    serve_args = ("--log-level", "warning")
+
+
 class Wsgate2Workers(Wsgate):
     name = "wsgate-2w"
     color = "#8c564b"
@@ -365,6 +372,6 @@ PLAIN = {
 #: cost is per handshake: relaying does not see it).
 HANDSHAKES_ONLY = {cls.name: cls for cls in (WsgateJWT,)}
 #: Targets a run measures only when named with --targets.
-OPTIONAL: dict[str, type[Target]] = {WsgateMetrics.name: WsgateMetrics}
+OPTIONAL: dict[str, type[Target]] = {cls.name: cls for cls in (WsgateMetrics, WsgateQuiet)}
 TLS = {cls.name: cls for cls in (WsgateTLS, WsgateReactorTLS, NginxTLS)}
 ALL: dict[str, type[Target]] = {**PLAIN, **OPTIONAL, **TLS, **HANDSHAKES_ONLY}

@@ -167,10 +167,10 @@ async def test_help_lists_the_subcommands() -> None:
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ("serve", ["--config", "--listen", "--pretty", "SIGTERM"]),
+        ("serve", ["--config", "--listen", "--pretty", "--log-level", "SIGTERM"]),
         ("check", ["file", "--config"]),
         ("echo-server", ["--listen", "127.0.0.1:9000"]),
-        ("demo", ["--config", "--pretty", "demo.toml"]),
+        ("demo", ["--config", "--pretty", "--log-level", "demo.toml"]),
     ],
 )
 def test_subcommand_help_mentions_its_options(
@@ -315,6 +315,46 @@ async def test_serve_relays_logs_json_and_drains_on_sigterm(tmp_path: Path, echo
     assert gw.events("drain_started")[0]["open_pairs"] == 1
     assert gw.records[-1]["event"] == "drain_finished"
     assert all(record["level"] in ("info", "warning") for record in gw.records)
+
+
+async def connect_when_listening(port: int) -> RawClient:
+    """A handshake with the gateway on ``port``, retried until it listens (no log says so)."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                return await RawClient.connect(port, "/echo")
+            except OSError:
+                await trio.sleep(0.05)
+
+
+async def test_log_level_warning_drops_connection_records_and_keeps_problems(
+    tmp_path: Path, echo_url: str
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(GOOD_CONFIG.format(service_url=echo_url))
+    port = free_port()
+    async with wsgate(
+        "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}", "--log-level", "warning"
+    ) as gw:
+        client = await connect_when_listening(port)
+        try:
+            assert client.response is not None and client.response.status == 101
+            await client.send_binary(b"quiet")
+            assert [frame.payload for frame in await client.receive_frames(1)] == [b"quiet"]
+            await client.close(1000)
+            assert (await client.receive_close())[0] == 1000
+        finally:
+            await client.aclose()
+        # A problem is still logged: a config file that no longer parses, re-read on SIGHUP.
+        config.write_text("[gateway\n")
+        gw.process.send_signal(signal.SIGHUP)
+        failed = await gw.wait_for("config_reload_failed")
+        assert failed["level"] == "warning"
+        gw.process.send_signal(signal.SIGTERM)
+        assert await gw.exit_code() == 0
+        await gw.read_to_end()
+    # Neither the pair's handshake and disconnect nor the start and drain notices.
+    assert [record["event"] for record in gw.records] == ["config_reload_failed"]
 
 
 # -- echo-server and demo ----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,54 @@ async def test_two_workers_share_a_port_restart_and_drain(echo_url: str, tmp_pat
         await client.aclose()
         with trio.fail_after(15):
             assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
+
+
+@pytest.mark.deadline(60)
+async def test_workers_log_at_the_level_given_to_the_supervisor(
+    echo_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        f'[gateway]\nlisten = "127.0.0.1:0"\n\n'
+        f'[[apis]]\nname = "echo"\npath = "echo"\nservice_url = "{echo_url}"\n'
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(config)]
+    process = await trio.lowlevel.open_process(
+        [*command, "--listen", f"127.0.0.1:{port}", "--workers", "2", "--log-level", "warning"],
+        stdout=-1,
+    )
+    assert process.stdout is not None
+    try:
+        relayed = 0
+        with trio.fail_after(20):
+            while relayed < 8:  # no "started" record at this level: retry until both listen
+                try:
+                    client = await RawClient.connect(port)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                assert client.response is not None and client.response.status == 101
+                await client.close()
+                await client.receive_close()
+                await client.aclose()
+                relayed += 1
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await process.wait() == 0
+        output = bytearray()
+        while chunk := await process.stdout.receive_some(65536):
+            output += chunk
+        # At info, each pair alone would have logged a handshake and a disconnect.
+        records = [json.loads(line) for line in output.splitlines()]
+        assert [r for r in records if r["level"] not in ("warning", "error")] == []
     finally:
         if process.returncode is None:
             process.kill()

@@ -73,6 +73,25 @@ def _workers(text: str) -> int:
     return count
 
 
+#: ``--log-level`` names, least to most severe.
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="drop records below this level (default: info; 'warning' drops the per-"
+        "connection handshake and disconnect records, keeping problems)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -99,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--pretty", action="store_true", help="human-readable logs instead of JSON lines"
     )
+    _add_log_level(serve)
     serve.add_argument(
         "--workers",
         type=_workers,
@@ -142,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEMO_CONFIG, help="demo config (default: %(default)s)"
     )
     demo.add_argument("--pretty", action="store_true", help="human-readable logs")
+    _add_log_level(demo)
     console.add_parser(sub)
     return parser
 
@@ -176,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-    configure_logging(json=not args.pretty)
+    configure_logging(json=not args.pretty, level=LOG_LEVELS[args.log_level])
     workers = getattr(args, "workers", 1)
     if workers > 1:
         if config.admin is not None:
@@ -186,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        return _run(supervise, args.config, config.gateway.listen, workers, args.pretty)
+        log_args = [*(["--pretty"] if args.pretty else []), "--log-level", args.log_level]
+        return _run(supervise, args.config, config.gateway.listen, workers, log_args)
     reuse_port = False
     if getattr(args, "worker", None):
         index, total = (int(part) for part in args.worker.split("/"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -47,8 +47,13 @@ def reserve_port(listen: Listen) -> tuple[socket.socket, Listen]:
     return sock, Listen(host=host, port=port)
 
 
-async def supervise(config_path: Path, listen: Listen, total: int, pretty: bool) -> None:
-    """Run ``total`` workers until SIGTERM/SIGINT, restarting any that die."""
+async def supervise(
+    config_path: Path, listen: Listen, total: int, log_args: Sequence[str] = ()
+) -> None:
+    """Run ``total`` workers until SIGTERM/SIGINT, restarting any that die.
+
+    ``log_args`` (``--pretty``, ``--log-level LEVEL``) are passed on to each worker.
+    """
     log = structlog.get_logger("wsgate.workers")
     placeholder, listen = reserve_port(listen)
     processes: dict[int, trio.Process] = {}
@@ -68,7 +73,7 @@ async def supervise(config_path: Path, listen: Listen, total: int, pretty: bool)
                 str(listen),
                 "--worker",
                 f"{index}/{total}",
-                *(["--pretty"] if pretty else []),
+                *log_args,
             ]
             # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
             # forwards one SIGTERM (a second signal to a worker cuts its drain short).
