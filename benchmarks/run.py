@@ -390,6 +390,7 @@ class Bench:
         if tls_names:
             self.make_tls_files()
         self.gen = LoadGenerator(o.processes)
+        # Load targets, then those measured for handshakes only.
         targets = {name: self.target(name) for name in [*available, *hs_only]}
         for target in targets.values():
             target.start()
@@ -423,7 +424,7 @@ class Bench:
 
             if o.handshake_duration > 0:
                 hs = {}
-                for name in [*available, *hs_only]:
+                for name in targets:
                     self.step(f"handshakes: {name}")
                     hs[name] = self.handshakes(targets[name])
                     self.advance()

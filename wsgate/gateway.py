@@ -539,7 +539,6 @@ class Gateway:
         record.api_id = api.name
         log = log.bind(api_id=api.name)
         upgrade = validate_upgrade(request)
-        record.url = redact_target(request.target, self._secret_query)
         config = self.config  # one handshake sees one config, even across a reload
         access = check_subscription(config, api, request)
         ctx = HandshakeContext(
