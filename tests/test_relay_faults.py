@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import open_websocket_url
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
@@ -103,16 +104,19 @@ async def test_oversize_message_gives_sender_1009_and_partner_1001(nursery: trio
     assert recorder.data[0] == b"x" * 1000
 
 
-async def test_idle_pair_is_closed_with_1001_both_ways(nursery: trio.Nursery) -> None:
+async def test_idle_pair_is_closed_with_1001_both_ways(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Virtual time: the clock jumps to the next timer whenever every task waits.
     recorder = CloseRecorder()
     backend = await nursery.start(RawBackend(recorder).serve)
-    gw = await start_gateway(nursery, backend.url, api={"idle_timeout": 0.3})
+    gw = await start_gateway(nursery, backend.url, api={"idle_timeout": 10})
     client = await RawClient.connect(gw.addresses[0][1])
     started = trio.current_time()
-    await trio.sleep(0.2)
+    await trio.sleep(6)
     await client.send_text("activity resets the clock")
     assert (await client.receive_close())[0] == 1001
-    assert trio.current_time() - started >= 0.45
+    assert 16 <= trio.current_time() - started < 17  # 6 s, then 10 s idle
     await client.aclose()
     await recorder.done.wait()
     assert recorder.codes == [1001]
