@@ -6,6 +6,7 @@ import base64
 import functools
 import json
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from websockets.sync.server import serve as ws_serve
 from wsproto.frame_protocol import Opcode
 from wsproto.utilities import generate_accept_token
 
+from wsgate.backend import dial_tcp
 from wsgate.echo import serve_echo
 
 from .helpers import (
@@ -234,6 +236,30 @@ async def test_closed_backend_port_gets_502(nursery: trio.Nursery) -> None:
     assert client.response.status == 502
     [record] = handshake_records(logs)
     assert record["last_error_reason"] == "BackendConnectionFailure"
+
+
+async def test_backend_connect_waits_for_a_backend_slow_to_accept() -> None:
+    """A local backend has usually accepted by the time connect() returns; this one has not."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        # The one connection the accept queue holds: the gateway's SYN must wait for
+        # a retransmission (about 1 s), after the backend accepted this one.
+        with socket.create_connection(address):
+            async with trio.open_nursery() as nursery:
+
+                async def catch_up() -> None:
+                    await trio.sleep(0.2)
+                    listener.accept()[0].close()
+
+                nursery.start_soon(catch_up)
+                started = trio.current_time()
+                sock = await dial_tcp(*address)
+                waited = trio.current_time() - started
+        with sock:
+            assert sock.getpeername() == address
+            assert waited >= 0.2
 
 
 async def test_silent_backend_gets_504_after_backend_connect_timeout(

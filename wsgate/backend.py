@@ -64,7 +64,7 @@ async def open_backend(
     Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
     """
     with map_backend_errors(backend.url):
-        conn = await _connect(backend.host, backend.port)
+        conn = await dial_tcp(backend.host, backend.port)
         endpoint: Endpoint
         if backend.secure:
             endpoint = TLSSocket(
@@ -84,7 +84,7 @@ async def open_backend(
         return BackendConnection(endpoint, accept, trailing)
 
 
-async def _connect(host: str, port: int) -> socket.socket:
+async def dial_tcp(host: str, port: int) -> socket.socket:
     """TCP to the backend, as a plain non-blocking socket for the relay.
 
     An IP literal is dialled directly: no happy-eyeballs nursery, and none of
@@ -100,8 +100,14 @@ async def _connect(host: str, port: int) -> socket.socket:
         sock.setblocking(False)
         error = sock.connect_ex((host, port))
         if error == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(sock)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            try:
+                # A backend on this host (loopback, a sidecar) has accepted by now:
+                # asking costs a syscall, parking until writable costs far more.
+                sock.getpeername()
+                error = 0
+            except OSError:
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
     except BaseException:

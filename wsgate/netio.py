@@ -130,14 +130,12 @@ class RawSocket:
             self.half_close()
             with trio.move_on_after(linger):
                 buf = SHARED_BUFFER[: 16 * 1024]
-                while True:
-                    await trio.lowlevel.wait_readable(self.sock)
-                    try:
-                        n = self.sock.recv_into(buf)
-                    except BlockingIOError:
-                        continue
-                    if n == 0 or (enough is not None and enough(buf[:n])):
-                        break
+                # Read before the first wait: a peer that closed as it answered our
+                # close has its EOF queued already, and a park costs more than a read.
+                n = self.recv_nowait(buf)
+                while n != 0 and not (n > 0 and enough is not None and enough(buf[:n])):
+                    await trio.lowlevel.wait_readable(self._fd)  # each turn checkpoints
+                    n = self.recv_nowait(buf)
         except OSError:
             pass
         finally:
