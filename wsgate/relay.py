@@ -275,8 +275,10 @@ class Pair:
                     dst.gone = True
                     self.source_ended(dst)
                     return
-            if (scanner.error is not None or scanner.close_received) and not self.scanned(
-                src, count
+            # An error or the answering close frame ends the pair: return now
+            # rather than park once more only to be cancelled.
+            if (scanner.error is not None or scanner.close_received) and (
+                not self.scanned(src, count) or self.end is not None
             ):
                 return
             if delay > 0:
