@@ -128,14 +128,15 @@ class RawSocket:
         """
         try:
             self.half_close()
-            with trio.move_on_after(linger):
-                buf = SHARED_BUFFER[: 16 * 1024]
-                # Read before the first wait: a peer that closed as it answered our
-                # close has its EOF queued already, and a park costs more than a read.
-                n = self.recv_nowait(buf)
-                while n != 0 and not (n > 0 and enough is not None and enough(buf[:n])):
-                    await trio.lowlevel.wait_readable(self._fd)  # each turn checkpoints
-                    n = self.recv_nowait(buf)
+            buf = SHARED_BUFFER[: 16 * 1024]
+            # Read before waiting: a peer that closed as it answered our close has
+            # its EOF queued already; then neither a park nor a deadline is needed.
+            if not _drained(self.recv_nowait(buf), buf, enough):
+                with trio.move_on_after(linger):
+                    while True:
+                        await trio.lowlevel.wait_readable(self._fd)
+                        if _drained(self.recv_nowait(buf), buf, enough):
+                            break
         except OSError:
             pass
         finally:
@@ -144,6 +145,11 @@ class RawSocket:
     def abort(self) -> None:
         """Close at once with a TCP reset."""
         _reset(self.sock)
+
+
+def _drained(n: int, buf: memoryview, enough: Callable[[memoryview], bool] | None) -> bool:
+    """Whether a closing peer is done, after a read of ``n`` bytes into ``buf`` (-1: none)."""
+    return n == 0 or (n > 0 and enough is not None and enough(buf[:n]))
 
 
 class TLSSocket:
