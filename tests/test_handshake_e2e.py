@@ -181,6 +181,27 @@ async def test_unfinished_handshake_gets_408(nursery: trio.Nursery, echo_url: st
     await wait_until(lambda: gw.stats().handshakes_in_progress == 0)  # the count does not leak
 
 
+async def test_request_completed_after_a_pause_is_answered_101(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    """Half the request queued at accept time, the rest later: the waiting path finishes it."""
+    gw = await start_gateway(nursery, echo_url, handshake_timeout=5)
+    request = (
+        b"GET /echo HTTP/1.1\r\nHost: gateway.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", port_of(gw)) as stream:
+        await stream.send_all(request[:40])
+        await wait_until(lambda: gw.stats().handshakes_in_progress == 1)
+        await trio.sleep(0.1)  # the gateway has read the first half and waits for more
+        await stream.send_all(request[40:])
+        response, _ = await read_response(stream)
+    assert response.status == 101
+    accept = generate_accept_token(b"dGhlIHNhbXBsZSBub25jZQ==").decode()
+    assert response.header("sec-websocket-accept") == accept
+
+
 async def test_silent_client_leaves_no_handshake_record(
     nursery: trio.Nursery, echo_url: str
 ) -> None:

@@ -436,12 +436,24 @@ class Gateway:
         handed_over = False
         self._handshaking += 1  # until the request is read (wsgate_handshakes_in_progress)
         counted = True
+        parser = RequestParser(client_ip=address[0], secure=self._server_ssl is not None)
+        read: tuple[ClientRequest, bytes] | None = None
         try:
-            with trio.fail_after(self.config.gateway.handshake_timeout):
-                client = await self._open_client(sock)
-                read = await _read_request(client, address[0], self._server_ssl is not None)
+            if self._server_ssl is None:
+                # Straight from the accepted socket: a SocketStream would cost syscalls
+                # for nothing. The request usually follows the connection at once:
+                # take what is queued before arming handshake_timeout, which only
+                # bounds waiting (a deadline costs about as much as parsing).
+                client = RawSocket(sock)
+                read = _queued_request(client, parser)
+            if read is None and not parser.closed:
+                with trio.fail_after(self.config.gateway.handshake_timeout):
+                    if client is None:
+                        client = await self._open_tls_client(sock)
+                    read = await _read_request(client, parser)
             if read is None:
                 return None  # connected and left without a request: nothing to log
+            assert client is not None  # a request was read from it
             request, trailing = read
             record.method = request.method
             record.url = redact_target(request.target, self._secret_query)
@@ -486,11 +498,8 @@ class Gateway:
                     sock.close()
         return None
 
-    async def _open_client(self, sock: socket.socket) -> Endpoint:
-        if self._server_ssl is None:
-            # Straight from the accepted socket: a SocketStream would cost syscalls for nothing.
-            # The request usually follows the connection at once: read before waiting.
-            return RawSocket(sock, expect_data=True)
+    async def _open_tls_client(self, sock: socket.socket) -> TLSSocket:
+        assert self._server_ssl is not None
         tls = TLSSocket(sock, self._server_ssl, server_side=True)
         try:
             await tls.do_handshake()
@@ -673,11 +682,20 @@ def _run_cleanups(
             log.exception("policy_cleanup_failed")
 
 
+def _queued_request(client: RawSocket, parser: RequestParser) -> tuple[ClientRequest, bytes] | None:
+    """The request, if the bytes already queued complete it; None if not (yet)."""
+    buf = SHARED_BUFFER[:8192]
+    n = client.recv_nowait(buf)
+    if n < 0:
+        return None
+    request = parser.feed(buf[:n])
+    return None if request is None else (request, parser.trailing)
+
+
 async def _read_request(
-    client: Endpoint, caller_ip: str, secure: bool
+    client: Endpoint, parser: RequestParser
 ) -> tuple[ClientRequest, bytes] | None:
-    """Read one opening request; None if the client left without sending a byte."""
-    parser = RequestParser(client_ip=caller_ip, secure=secure)
+    """Read the rest of one opening request; None if the client left without sending a byte."""
     buf = SHARED_BUFFER[:8192]
     while True:
         n = await client.recv_into(buf)

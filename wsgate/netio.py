@@ -37,14 +37,14 @@ class RawSocket:
 
     __slots__ = ("_fd", "_half_closed", "_wait_first", "dirty", "sock")
 
-    def __init__(self, sock: socket.socket, *, expect_data: bool = False) -> None:
-        """Wrap ``sock``; ``expect_data``: bytes are likely queued already (read, then wait)."""
+    def __init__(self, sock: socket.socket) -> None:
+        """Wrap ``sock``."""
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._fd = sock.fileno()  # waits take the int: no fileno() call per wait
-        self._wait_first = not expect_data
+        self._wait_first = True  # a new socket's peer has had no time to send
         self._half_closed = False
         #: True while a send was interrupted part-way: the peer may hold half a frame.
         self.dirty = False
