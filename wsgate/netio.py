@@ -363,6 +363,10 @@ class TLSSocket:
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS: {exc}") from exc
         if self._out.pending:  # an answer to a post-handshake message (a key update)
+            # If the socket is full, the rest waits in the backlog for this leg's
+            # next write. That is soon enough: RFC 8446 4.6.3 asks for our
+            # KeyUpdate before our next application data, which the backlog's
+            # order guarantees, and the peer does not wait for it.
             self.push_nowait()
         return got
 
