@@ -44,7 +44,8 @@ class RawSocket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._fd = sock.fileno()  # waits take the int: no fileno() call per wait
-        self._wait_first = True  # a new socket's peer has had no time to send
+        # recv_into's reads follow a recv_nowait or a request just sent: wait first.
+        self._wait_first = True
         self._half_closed = False
         #: True while a send was interrupted part-way: the peer may hold half a frame.
         self.dirty = False
@@ -130,8 +131,9 @@ class RawSocket:
             self.half_close()
             buf = SHARED_BUFFER[: 16 * 1024]
             # Read before waiting: a peer that closed as it answered our close has
-            # its EOF queued already; then neither a park nor a deadline is needed.
-            if not _drained(self.recv_nowait(buf), buf, enough):
+            # its EOF queued already; then neither a park nor a deadline is needed
+            # (nor with no linger at all: a deadline of 0 would only park to cancel).
+            if not _drained(self.recv_nowait(buf), buf, enough) and linger > 0:
                 with trio.move_on_after(linger):
                     while True:
                         await trio.lowlevel.wait_readable(self._fd)
