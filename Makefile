@@ -46,7 +46,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-## Load benchmark (about 12 minutes on 2 cores): markdown table, JSON and charts in
+## Load benchmark (12-15 minutes on 2 cores): markdown table, JSON and charts in
 ## benchmarks/results/ (see docs/performance.md). Extra options: make bench BENCH_ARGS='...'.
 bench: $(BENCH_STAMP)
 	@bash benchmarks/install_nginx.sh
