@@ -136,6 +136,23 @@ async def test_malformed_request_gets_400(
     assert json.loads(body)["statusCode"] == 400
 
 
+async def test_unknown_transfer_coding_gets_501_and_the_gateway_serves_on(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    """Found by the fuzzer: h11 refuses it with 501 (RFC 9112 6.1), which is passed on."""
+    with capture_logs() as logs:
+        gw = await start_gateway(nursery, echo_url, handshake_timeout=5)
+        status, _, body = await raw_exchange(
+            port_of(gw), b"GET /echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip\r\n\r\n"
+        )
+        client = await RawClient.connect(port_of(gw), "/echo")  # the next client is served
+        await client.aclose()
+    assert status == 501 and json.loads(body)["statusCode"] == 501
+    assert client.response is not None and client.response.status == 101
+    codes = [r["response_code"] for r in handshake_records(logs)]
+    assert codes == [501, 101]
+
+
 def _big_head(size: int) -> bytes:
     key = "dGhlIHNhbXBsZSBub25jZQ=="
     head = (

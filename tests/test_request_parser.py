@@ -96,3 +96,16 @@ def test_hostile_requests_are_400(request_bytes: bytes) -> None:
     with pytest.raises(HandshakeRejected) as info:
         parser.feed(request_bytes)
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "coding",
+    [b"Transfer-Encoding: gzip\r\n", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n"],
+)
+def test_a_transfer_coding_it_does_not_implement_gets_501(coding: bytes) -> None:
+    """RFC 9112 6.1 (and nginx): 501, not a parse of a body the gateway cannot frame."""
+    parser = RequestParser(client_ip="127.0.0.1", secure=False)
+    with pytest.raises(HandshakeRejected) as caught:
+        parser.feed(GOOD.replace(b"\r\n\r\n", b"\r\n" + coding + b"\r\n"))
+    assert caught.value.status == 501
+    assert caught.value.reason == "MalformedRequest"

@@ -246,7 +246,8 @@ def check_handshake(data: bytes) -> None:
             if flags & 16:
                 request = parser.feed(b"")
     except HandshakeRejected as exc:
-        assert exc.status in (400, 431), exc.status
+        # 501: a transfer coding h11 does not implement (RFC 9112 6.1), as nginx answers.
+        assert exc.status in (400, 431, 501), exc.status
         _clean_refusal(exc)
         return
     if request is None:
