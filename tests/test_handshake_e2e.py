@@ -208,10 +208,13 @@ async def test_request_completed_after_a_pause_is_answered_101(
         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         b"Sec-WebSocket-Version: 13\r\n\r\n"
     )
-    async with await trio.open_tcp_stream("127.0.0.1", port_of(gw)) as stream:
-        await stream.send_all(request[:40])
+    # Connected and the first half sent without yielding to the gateway: it is
+    # queued when the gateway first reads (loopback completes a connect at once).
+    sock = socket.create_connection(("127.0.0.1", port_of(gw)))
+    sock.sendall(request[:40])
+    async with trio.SocketStream(trio.socket.from_stdlib_socket(sock)) as stream:
         await wait_until(lambda: gw.stats().handshakes_in_progress == 1)
-        await trio.sleep(0.1)  # the gateway has read the first half and waits for more
+        await trio.sleep(0.1)  # the gateway has parsed the first half and waits for more
         await stream.send_all(request[40:])
         response, _ = await read_response(stream)
     assert response.status == 101
