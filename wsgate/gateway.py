@@ -443,7 +443,7 @@ class Gateway:
                 # Straight from the accepted socket: a SocketStream would cost syscalls
                 # for nothing. The request usually follows the connection at once:
                 # take what is queued before arming handshake_timeout, which only
-                # bounds waiting (a deadline costs about as much as parsing).
+                # bounds waiting (entering a deadline costs Trio about what a park does).
                 client = RawSocket(sock)
                 read = _queued_request(client, parser)
             if read is None and not parser.closed:

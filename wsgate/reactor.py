@@ -99,10 +99,7 @@ class Reactor:
 
     def remove(self, pair: Pair) -> None:
         """Stop pumping ``pair`` (idempotent); its owner then closes the sockets."""
-        for side in (pair.client, pair.backend):
-            leg = self._legs.get(side.endpoint.sock.fileno())
-            if leg is not None and leg.pair is pair:
-                self._forget(leg)
+        self._drop(pair)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The pump task; runs until cancelled."""
