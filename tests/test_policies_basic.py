@@ -10,7 +10,6 @@ import pytest
 from wsgate.config import ApiConfig, BackendURL, Config, parse_config
 from wsgate.errors import HandshakeRejected
 from wsgate.handshake import ClientRequest, end_to_end
-from wsgate.policies import Access, check_subscription
 from wsgate.policies.basic import (
     AuthenticationBasic,
     CheckHeader,
@@ -21,7 +20,9 @@ from wsgate.policies.basic import (
     SetHeader,
     SetQueryParameter,
 )
-from wsgate.policy import POLICIES, HandshakeContext, PolicyResponse
+from wsgate.policies.registry import POLICIES
+from wsgate.policies.subscription import Access, check_subscription
+from wsgate.policy import HandshakeContext, PolicyResponse
 
 API = ApiConfig(name="chat", path="chat", service_url="ws://backend.test:9000/ws")
 

@@ -24,9 +24,9 @@ from wsgate.config import (
     parse_config,
 )
 from wsgate.errors import ConfigError
-from wsgate.policies import pipeline
 from wsgate.policies.basic import AuthenticationBasic, CheckHeader, SetHeader
-from wsgate.policy import POLICIES
+from wsgate.policies.pipeline import pipeline
+from wsgate.policies.registry import POLICIES
 
 KEY_A = "a" * 24
 KEY_B = "b" * 24
@@ -403,7 +403,7 @@ def test_policies_at_every_scope(tmp_path: Path) -> None:
         ),
         (
             'policy = "check-header"\nname = "X"\nignore_case = "no"',
-            "apis[0].policies[0].ignore_case: expected a boolean, got a string",
+            "apis[0].policies[0].ignore_case: must be true or false, got 'no'",
         ),
         (
             'policy = "ip-filter"\naction = "allow"\naddresses = ["10.0.0.1", "10.0.0.300"]',

@@ -28,7 +28,8 @@ from wsgate.config import ApiConfig
 from wsgate.errors import HandshakeRejected
 from wsgate.handshake import ClientRequest
 from wsgate.policies.jwt import DEFAULT_MESSAGE, ValidateJwt
-from wsgate.policy import POLICIES, HandshakeContext
+from wsgate.policies.registry import POLICIES
+from wsgate.policy import HandshakeContext
 
 API = ApiConfig(name="chat", path="chat", service_url="ws://127.0.0.1:9/")
 SECRET = "s" * 64  # long enough for HS512 (64 bytes)

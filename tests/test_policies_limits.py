@@ -27,7 +27,8 @@ from wsgate.policies.limits import (
     Slots,
     TokenBucket,
 )
-from wsgate.policy import POLICIES, HandshakeContext, PairStats
+from wsgate.policies.registry import POLICIES
+from wsgate.policy import HandshakeContext, PairStats
 
 API = ApiConfig(name="chat", path="chat", service_url="ws://127.0.0.1:9/")
 
@@ -380,10 +381,10 @@ async def test_message_rate_limit_close_and_stacking() -> None:
 @pytest.mark.parametrize(
     ("cls", "fields", "message"),
     [
-        (RateLimit, {"calls": 0, "renewal_period": 10}, "calls: must be an integer >= 1"),
+        (RateLimit, {"calls": 0, "renewal_period": 10}, "calls: must be >= 1, got 0"),
         (RateLimit, {"calls": True, "renewal_period": 10}, "calls"),
         (RateLimit, {"calls": 1.5, "renewal_period": 10}, "calls"),
-        (RateLimit, {"calls": 1, "renewal_period": 0}, "renewal_period: must be a number > 0"),
+        (RateLimit, {"calls": 1, "renewal_period": 0}, "renewal_period: must be > 0, got 0"),
         (RateLimit, {"calls": 1, "renewal_period": float("inf")}, "renewal_period"),
         (
             RateLimitByKey,

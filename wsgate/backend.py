@@ -15,7 +15,7 @@ import h11
 import trio
 from wsproto.utilities import generate_nonce
 
-from .config import BackendURL
+from .addresses import BackendURL
 from .errors import BackendProtocolError, BackendRejected, map_backend_errors
 from .handshake import (
     MAX_REQUEST_HEAD,

@@ -12,42 +12,64 @@ Conventions that keep the reader generic:
 * field validators look at their own value only (the reader runs them one by one,
   with no instance, to report every bad field); rules that span fields live in
   ``__attrs_post_init__``;
-* a rule that can point at a precise key raises :class:`KeyedValueError`.
+* a rule that can point at a precise key raises :class:`KeyedValueError`; messages follow
+  the convention of :mod:`wsgate.validate` (a reason never repeats its own key).
 
 Adding a table (say ``[admin]``) is: write the attrs class, add its entry to
 ``_SPECS`` and a ``"admin": _table(AdminConfig)`` key to the parent's entry.
 
 Policy tables (``policies = [...]`` at global, product and API scope) are the one
 exception to "a spec per class": their keys are the fields of the policy class
-registered under their ``policy`` name (:data:`wsgate.policy.POLICIES`), so the
-reader checks them against ``attrs.fields`` instead (:meth:`_Reader.build_policy`).
+registered under their ``policy`` name (:data:`wsgate.policies.registry.POLICIES`), so
+the reader checks them against ``attrs.fields`` instead (:meth:`_Reader.build_policy`):
+each policy class validates its own parameters, config knows none of them. The
+entries of a ``policies`` list are defined with the policy contract (:mod:`wsgate.policy`).
 Rules that span tables (products referenced by APIs and subscription scopes, the
 ``subscription_required`` default, unique keys) live in :class:`Config`.
 """
 
 from __future__ import annotations
 
-import datetime
 import difflib
-import ipaddress
-import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 import attrs
 import structlog
 
+from wsgate.addresses import BackendURL, Listen, TLSConfig
 from wsgate.admin.settings import AdminConfig
 from wsgate.errors import ConfigError
-
-if TYPE_CHECKING:
-    from wsgate.policy import Policy
+from wsgate.policies.registry import POLICIES  # importing it registers the built-in policies
+from wsgate.policy import (
+    BASE,
+    UNSUPPORTED_POLICIES,
+    BasePlacement,
+    PolicyEntry,
+    SkippedPolicy,
+    policy_list,
+    unsupported_at_api,
+)
+from wsgate.validate import (
+    KeyedValueError,
+    Validator,
+    boolean,
+    describe,
+    existing_file,
+    has_space_or_control,
+    header_name,
+    keyed,
+    number,
+    one_of,
+    optional,
+    secret_token,
+    strings,
+)
 
 __all__ = [
     "BASE",
@@ -69,106 +91,15 @@ __all__ = [
     "parse_config",
 ]
 
-_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 _T = TypeVar("_T")
 
-#: Policies the seed platform cannot apply to a WebSocket API's onHandshake operation.
-#: At API scope they are config errors; inherited from global or product scope they
-#: are kept as :class:`SkippedPolicy` entries that never run.
-UNSUPPORTED_POLICIES = frozenset(
-    {
-        "mock-response",
-        "cache-lookup",
-        "cache-store",
-        "cross-domain",
-        "cors",
-        "jsonp",
-        "set-method",
-        "set-body",
-        "xml-to-json",
-        "json-to-xml",
-        "xsl-transform",
-        "validate-content",
-        "validate-parameters",
-        "validate-headers",
-        "validate-status-code",
-    }
-)
-
-
-class KeyedValueError(ValueError):
-    """A validation failure that names the exact keys at fault.
-
-    ``problems`` holds ``(key, reason)`` pairs; keys are relative to the object
-    being validated (``"backend_ca_file"``, ``"apis[2].name"``).
-    """
-
-    def __init__(self, problems: Iterable[tuple[str, str]]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(f"{key}: {reason}" for key, reason in self.problems))
-
-
 # --- validators -------------------------------------------------------------------------
-
-
-def _has_space_or_control(text: str) -> bool:
-    return any(ch.isspace() or not ch.isprintable() for ch in text)
-
-
-def _number(
-    minimum: float,
-    *,
-    inclusive: bool = True,
-    integer: bool = False,
-    maximum: float | None = None,
-) -> _Validator:
-    """Number >= (or >) ``minimum`` (and <= ``maximum``); rejects bool, and NaN/inf."""
-    op = ">=" if inclusive else ">"
-    kind, types = ("an integer", int) if integer else ("a number", (int, float))
-
-    def check(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise ValueError(f"must be {kind}, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value!r}")
-        if value < minimum or (value == minimum and not inclusive):
-            raise ValueError(f"must be {op} {minimum:g}, got {value!r}")
-        if maximum is not None and value > maximum:
-            raise ValueError(f"must be <= {maximum:g}, got {value!r}")
-
-    return check
-
-
-def _port(minimum: int) -> _Validator:
-    def check(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 65535:
-            raise ValueError(f"port must be an integer {minimum}-65535, got {value!r}")
-
-    return check
-
-
-def _host(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
-    if not value:
-        raise ValueError("host must not be empty")
-    if _has_space_or_control(value) or any(c in value for c in "[]/@?#"):
-        raise ValueError(f"invalid host {value!r}")
-    if ":" in value:
-        try:
-            ipaddress.IPv6Address(value)
-        except ValueError:
-            raise ValueError(f"invalid IPv6 address {value!r}") from None
-
-
-def _existing_file(_inst: object, _attr: attrs.Attribute[Any], value: Path | None) -> None:
-    if value is not None and not value.is_file():
-        raise ValueError(
-            f"file not found: {value}" if not value.exists() else f"not a file: {value}"
-        )
 
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
+@keyed
 def _api_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
     if not _NAME_RE.fullmatch(value):
         raise ValueError(
@@ -177,50 +108,28 @@ def _api_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
         )
 
 
+@keyed
 def _non_empty(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
     if not value.strip():
         raise ValueError("must not be empty")
 
 
+@keyed
 def _product_id(inst: object, attr: attrs.Attribute[Any], value: str) -> None:
     _api_name(inst, attr, value)
     if value == "all":
         raise ValueError("'all' is reserved: a subscription scope of \"all\" means every API")
 
 
+@keyed
 def _scope(inst: object, attr: attrs.Attribute[Any], value: str) -> None:
     if value != "all":
         _api_name(inst, attr, value)
 
 
-def _bool(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {value!r}")
-
-
-def _optional_bool(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        _bool(inst, attr, value)
-
-
-def _one_of(*choices: str) -> _Validator:
-    def check(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-    return check
-
-
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-def _header_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
-    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
-        raise ValueError(f"invalid header name {value!r}")
-
-
+@keyed
 def _query_name(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
-    if not value or _has_space_or_control(value) or any(c in value for c in "&=#%+"):
+    if not value or has_space_or_control(value) or any(c in value for c in "&=#%+"):
         raise ValueError(
             f"invalid query parameter name {value!r}: must be non-empty, without spaces,"
             " control characters or any of & = # % +"
@@ -232,29 +141,12 @@ def _query_names(inst: object, attr: attrs.Attribute[Any], value: tuple[str, ...
         _query_name(inst, attr, name)
 
 
-#: Shortest subscription key accepted; keys are bearer secrets.
-MIN_KEY_LENGTH = 16
-
-
-def _subscription_key(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
-    # Never put the value in a message: it is a secret.
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    if len(value) < MIN_KEY_LENGTH:
-        raise ValueError(
-            f"too short: a subscription key needs at least {MIN_KEY_LENGTH} characters"
-        )
-    if not all("!" <= ch <= "~" for ch in value):
-        raise ValueError("must contain only visible ASCII characters (no spaces)")
-
-
 def _strip_slashes(path: str) -> str:
     # Stored bare so routing compares suffixes without caring how the user wrote them.
     return path.strip("/")
 
 
+@keyed
 def _api_path(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
     if value == "":
         return  # the root API
@@ -265,24 +157,19 @@ def _api_path(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
             reason = "'.' and '..' segments are not allowed"
         elif "?" in segment or "#" in segment:
             reason = "must not contain '?' or '#'"
-        elif _has_space_or_control(segment):
+        elif has_space_or_control(segment):
             reason = "must not contain whitespace or control characters"
         else:
             continue
         raise ValueError(f"invalid path {value!r}: {reason}")
 
 
+@keyed
 def _service_url(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
     BackendURL.parse(value)
 
 
-def _strings(_inst: object, _attr: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
-    for item in value:
-        if not isinstance(item, str):
-            raise ValueError(f"must contain only strings, got {item!r}")
-
-
-def _unique(*keys: str) -> _Validator:
+def _unique(*keys: str) -> Validator:
     """Items of a sequence field must differ in each of ``keys``; names both indexes.
 
     Items the file reader could not build arrive as namespaces of their valid
@@ -346,157 +233,42 @@ def _policy_tuple(items: Iterable[PolicyEntry]) -> tuple[PolicyEntry, ...]:
     return tuple(items)
 
 
-# --- policy entries ---------------------------------------------------------------------
-
-
-@attrs.frozen
-class BasePlacement:
-    """``{ policy = "base" }``: the enclosing scope's policies run at this position.
-
-    Like the seed platform's ``<base/>``. Allowed once in a product's or an API's
-    list; without it the enclosing scope's policies run first, and with
-    ``inherit_policies = false`` they do not run at all.
-    """
-
-    policy_name: ClassVar[str] = "base"
-
-
-#: The one placement marker (all instances are equal).
-BASE = BasePlacement()
-
-
-def _unsupported(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
-    if value not in UNSUPPORTED_POLICIES:
-        raise ValueError(f"{value!r} is not one of the policies unsupported at onHandshake")
-
-
-@attrs.frozen
-class SkippedPolicy:
-    """An unsupported policy configured at global or product scope: kept, never run.
-
-    Its other settings are not validated (wsgate has no implementation of it).
-    """
-
-    policy_name: str = attrs.field(validator=_unsupported)
-
-
-#: One item of a ``policies`` list.
-PolicyEntry: TypeAlias = "Policy | BasePlacement | SkippedPolicy"
-
-
-def _unsupported_at_api(name: str) -> str:
-    return (
-        f"policy {name!r} is not supported by the onHandshake operation and cannot be"
-        " applied at API scope (inherited from global or product scope it is skipped)"
-    )
-
-
-def _is_policy(item: object) -> bool:
-    return isinstance(getattr(type(item), "policy_name", None), str) and callable(
-        getattr(item, "on_handshake", None)
-    )
-
-
-def _policy_list(scope: str) -> _Validator:
-    """Items are policies or markers; markers are legal for ``scope``; one base at most."""
-
-    def check(_inst: object, attr: attrs.Attribute[Any], items: Sequence[object]) -> None:
-        problems: list[tuple[str, str]] = []
-        bases = 0
-        for index, item in enumerate(items):
-            key = f"{attr.name}[{index}]"
-            if isinstance(item, BasePlacement):
-                bases += 1
-                if scope == "global":
-                    problems.append(
-                        (key, '{ policy = "base" } is only allowed at product and API scope')
-                    )
-                elif bases > 1:
-                    problems.append((key, '{ policy = "base" } may appear only once per scope'))
-            elif isinstance(item, SkippedPolicy):
-                if scope == "api":
-                    problems.append((key, _unsupported_at_api(item.policy_name)))
-            elif not _is_policy(item):
-                problems.append((key, f"not a policy: a {type(item).__name__}"))
-        if problems:
-            raise KeyedValueError(problems)
-
-    return check
-
-
 # --- configuration classes --------------------------------------------------------------
-
-
-@attrs.frozen(kw_only=True)
-class Listen:
-    """Where the gateway listens: a host name or IP (IPv6 without brackets) and a port (0 = any)."""
-
-    host: str = attrs.field(validator=_host)
-    port: int = attrs.field(validator=_port(0))
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str) -> Listen:
-        """Parse ``"host:port"`` or ``"[ipv6]:port"``; ValueError on bad input."""
-        hint = "expected 'host:port' (e.g. '127.0.0.1:8080' or '[::1]:8080')"
-        if text.startswith("["):
-            host, sep, port = text[1:].partition("]:")
-            if sep and ":" not in host:
-                raise ValueError(f"brackets are only for IPv6 addresses, got {text!r}")
-        else:
-            host, sep, port = text.rpartition(":")
-            if ":" in host:
-                raise ValueError(f"IPv6 addresses need brackets, e.g. '[::1]:8080', got {text!r}")
-        if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port):
-            raise ValueError(f"{hint}, got {text!r}")
-        return cls(host=host, port=int(port))
-
-
-@attrs.frozen(kw_only=True)
-class TLSConfig:
-    """The gateway's own certificate chain and key, for serving wss://."""
-
-    certificate: Path = attrs.field(validator=_existing_file)
-    private_key: Path = attrs.field(validator=_existing_file)
 
 
 @attrs.frozen(kw_only=True)
 class GatewayConfig:
     """Settings of the gateway process itself (the ``[gateway]`` table)."""
 
-    listen: Listen = Listen(host="127.0.0.1", port=8080)
-    max_connections: int = attrs.field(default=200, validator=_number(1, integer=True))
-    handshake_timeout: float = attrs.field(default=10.0, validator=_number(0, inclusive=False))
-    backend_connect_timeout: float = attrs.field(
-        default=10.0, validator=_number(0, inclusive=False)
-    )
-    close_timeout: float = attrs.field(default=5.0, validator=_number(0, inclusive=False))
-    drain_timeout: float = attrs.field(default=30.0, validator=_number(0))
+    listen: Listen = Listen(host="127.0.0.1", port=8080)  # noqa: RUF009 (frozen: safe to share)
+    max_connections: int = attrs.field(default=200, validator=number(1, integer=True))
+    handshake_timeout: float = attrs.field(default=10.0, validator=number(0, inclusive=False))
+    backend_connect_timeout: float = attrs.field(default=10.0, validator=number(0, inclusive=False))
+    close_timeout: float = attrs.field(default=5.0, validator=number(0, inclusive=False))
+    drain_timeout: float = attrs.field(default=30.0, validator=number(0))
     #: TCP keepalive on both legs, so a peer that vanished without a FIN (its host
     #: lost power, a NAT forgot the flow) does not hold a pair forever: seconds of
     #: silence before the kernel probes (0: off), seconds between probes, and
     #: unanswered probes before it fails the connection. Linux's limits apply.
-    tcp_keepalive: int = attrs.field(default=60, validator=_number(0, integer=True, maximum=32767))
+    tcp_keepalive: int = attrs.field(default=60, validator=number(0, integer=True, maximum=32767))
     tcp_keepalive_interval: int = attrs.field(
-        default=10, validator=_number(1, integer=True, maximum=32767)
+        default=10, validator=number(1, integer=True, maximum=32767)
     )
     tcp_keepalive_probes: int = attrs.field(
-        default=6, validator=_number(1, integer=True, maximum=127)
+        default=6, validator=number(1, integer=True, maximum=127)
     )
     #: More query parameters whose values never reach a log line (beyond the
     #: built-in list, subscription keys and validate-jwt's token parameter).
     redact_query_parameters: tuple[str, ...] = attrs.field(
-        default=(), converter=_str_tuple, validator=[_strings, _query_names]
+        default=(), converter=_str_tuple, validator=[strings, _query_names]
     )
     tls: TLSConfig | None = None
     #: "tasks" (two relay tasks per pair) or "reactor" (one epoll pump per process,
     #: Linux; see docs/performance.md).
-    relay_engine: str = attrs.field(default="tasks", validator=_one_of("tasks", "reactor"))
+    relay_engine: str = attrs.field(default="tasks", validator=one_of("tasks", "reactor"))
     #: Global-scope onHandshake policies: they run first for every API.
     policies: tuple[PolicyEntry, ...] = attrs.field(
-        default=(), converter=_policy_tuple, validator=_policy_list("global")
+        default=(), converter=_policy_tuple, validator=policy_list("global")
     )
 
     @property
@@ -505,77 +277,6 @@ class GatewayConfig:
         if not self.tcp_keepalive:
             return None
         return (self.tcp_keepalive, self.tcp_keepalive_interval, self.tcp_keepalive_probes)
-
-
-@attrs.frozen(kw_only=True)
-class BackendURL:
-    """A parsed ``ws://`` / ``wss://`` service URL.
-
-    ``host`` has no brackets even for IPv6; ``port`` is explicit (80/443 by
-    default); ``path`` starts with "/"; ``query`` has no leading "?".
-    """
-
-    secure: bool
-    host: str = attrs.field(validator=_host)
-    port: int = attrs.field(validator=_port(1))
-    path: str = "/"
-    query: str = ""
-
-    @classmethod
-    def parse(cls, url: str) -> BackendURL:
-        """Parse a service URL; ValueError says what is wrong with it."""
-        if _has_space_or_control(url):
-            raise ValueError("must not contain whitespace or control characters")
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"invalid URL {url!r}: {exc}") from None
-        scheme = parts.scheme.lower()
-        if "://" not in url:
-            # Without "//" urlsplit reads "localhost:9000" as scheme "localhost".
-            raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
-        if scheme not in ("ws", "wss"):
-            raise ValueError(f"scheme must be ws or wss, got {scheme!r}")
-        if "@" in parts.netloc:
-            raise ValueError("must not contain userinfo (user:password@)")
-        if not parts.hostname:
-            raise ValueError(f"URL has no host: {url!r}")
-        if "#" in url:
-            raise ValueError("must not have a fragment ('#...')")
-        secure = scheme == "wss"
-        return cls(
-            secure=secure,
-            host=parts.hostname,
-            port=port if port is not None else (443 if secure else 80),
-            path=parts.path or "/",
-            query=parts.query,
-        )
-
-    @property
-    def host_header(self) -> str:
-        """The Host header value: the port is omitted when it is the scheme's default."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == (443 if self.secure else 80) else f"{host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The URL back as a string, in normal form."""
-        query = f"?{self.query}" if self.query else ""
-        return f"{'wss' if self.secure else 'ws'}://{self.host_header}{self.path}{query}"
-
-    def target(self, rest: str, client_query: str) -> str:
-        """The request-target for the backend.
-
-        ``rest`` (the client's path below the API's path) is appended to this
-        URL's path with exactly one "/" between them; the query is this URL's
-        query and then the client's, joined with "&".
-        """
-        path = self.path
-        if rest:
-            path = path.removesuffix("/") + "/" + rest.removeprefix("/")
-        query = "&".join(q for q in (self.query, client_query) if q)
-        return f"{path}?{query}" if query else path
 
 
 @attrs.frozen(kw_only=True)
@@ -588,26 +289,24 @@ class ApiConfig:
     display_name: str = attrs.field(
         default=attrs.Factory(lambda self: self.name, takes_self=True), validator=_non_empty
     )
-    max_message_size: int = attrs.field(
-        default=16 * 1024 * 1024, validator=_number(0, integer=True)
-    )
-    idle_timeout: float = attrs.field(default=0.0, validator=_number(0))
-    backend_ca_file: Path | None = attrs.field(default=None, validator=_existing_file)
+    max_message_size: int = attrs.field(default=16 * 1024 * 1024, validator=number(0, integer=True))
+    idle_timeout: float = attrs.field(default=0.0, validator=number(0))
+    backend_ca_file: Path | None = attrs.field(default=None, validator=existing_file)
     products: tuple[str, ...] = attrs.field(
-        default=(), converter=_str_tuple, validator=[_strings, _distinct]
+        default=(), converter=_str_tuple, validator=[strings, _distinct]
     )
     #: None until a :class:`Config` resolves it: true if any of the API's products
     #: requires a subscription, else false.
-    subscription_required: bool | None = attrs.field(default=None, validator=_optional_bool)
+    subscription_required: bool | None = attrs.field(default=None, validator=optional(boolean))
     subscription_key_header: str = attrs.field(
-        default="Ocp-Apim-Subscription-Key", validator=_header_name
+        default="Ocp-Apim-Subscription-Key", validator=header_name
     )
     subscription_key_query: str = attrs.field(default="subscription-key", validator=_query_name)
     #: API-scope (onHandshake operation) policies.
     policies: tuple[PolicyEntry, ...] = attrs.field(
-        default=(), converter=_policy_tuple, validator=_policy_list("api")
+        default=(), converter=_policy_tuple, validator=policy_list("api")
     )
-    inherit_policies: bool = attrs.field(default=True, validator=_bool)
+    inherit_policies: bool = attrs.field(default=True, validator=boolean)
     backend: BackendURL = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -627,12 +326,15 @@ class ProductConfig:
     display_name: str = attrs.field(
         default=attrs.Factory(lambda self: self.id, takes_self=True), validator=_non_empty
     )
-    subscription_required: bool = attrs.field(default=True, validator=_bool)
+    subscription_required: bool = attrs.field(default=True, validator=boolean)
     #: Product-scope policies, run after the global ones (see :class:`BasePlacement`).
     policies: tuple[PolicyEntry, ...] = attrs.field(
-        default=(), converter=_policy_tuple, validator=_policy_list("product")
+        default=(), converter=_policy_tuple, validator=policy_list("product")
     )
-    inherit_policies: bool = attrs.field(default=True, validator=_bool)
+    inherit_policies: bool = attrs.field(default=True, validator=boolean)
+
+
+_SUBSCRIPTION_KEY = secret_token("a subscription key")
 
 
 @attrs.frozen(kw_only=True)
@@ -645,9 +347,9 @@ class SubscriptionConfig:
 
     id: str = attrs.field(validator=_api_name)
     scope: str = attrs.field(validator=_scope)
-    primary_key: str = attrs.field(repr=False, validator=_subscription_key)
-    secondary_key: str | None = attrs.field(default=None, repr=False, validator=_subscription_key)
-    state: str = attrs.field(default="active", validator=_one_of("active", "suspended"))
+    primary_key: str = attrs.field(repr=False, validator=_SUBSCRIPTION_KEY)
+    secondary_key: str | None = attrs.field(default=None, repr=False, validator=_SUBSCRIPTION_KEY)
+    state: str = attrs.field(default="active", validator=one_of("active", "suspended"))
 
     def __attrs_post_init__(self) -> None:
         if self.secondary_key is not None and self.secondary_key == self.primary_key:
@@ -796,24 +498,6 @@ class _Reported(Exception):
     def __init__(self, partial: Mapping[str, object] | None = None) -> None:
         super().__init__()
         self.partial = partial or {}
-
-
-def _describe(value: object) -> str:
-    """The TOML name of a value's type, for "expected X, got Y" messages."""
-    if isinstance(value, list | tuple) and value:
-        return "an array with " + " and ".join(sorted({_describe(item) for item in value}))
-    for types, name in (
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        ((list, tuple), "an empty array"),
-        (Mapping, "a table"),
-        ((datetime.date, datetime.time), "a date/time"),
-    ):
-        if isinstance(value, types):
-            return name
-    return type(value).__name__
 
 
 def _quote(key: str) -> str:
@@ -985,14 +669,6 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
 }
 
 
-def _policy_registry() -> Mapping[str, type]:
-    """Every registered policy class by name (imported late: wsgate.policy imports us)."""
-    import wsgate.policies  # noqa: F401  (registers the built-in policies)
-    from wsgate.policy import POLICIES
-
-    return POLICIES
-
-
 def _error_text(exc: Exception) -> str:
     """A validation error as one line (attrs' own validators put extra args in theirs)."""
     args = exc.args
@@ -1004,7 +680,7 @@ def _error_text(exc: Exception) -> str:
     ):
         types = args[2] if isinstance(args[2], tuple) else (args[2],)
         expected = " or ".join(_describe_type(t) for t in types)
-        return f"expected {expected}, got {_describe(args[3])}"
+        return f"expected {expected}, got {describe(args[3])}"
     if len(args) > 1 and isinstance(args[0], str):
         return args[0]
     return str(exc)
@@ -1051,7 +727,7 @@ class _Reader:
     def build(self, cls: type, data: object, path: str, **extra: object) -> Any:
         """Build ``cls`` from table ``data`` at key ``path``; raise _Reported on any problem."""
         if not isinstance(data, Mapping):
-            self.problems.append((path, f"expected a table, got {_describe(data)}"))
+            self.problems.append((path, f"expected a table, got {describe(data)}"))
             raise _Reported
         spec, fields = _SPECS[cls], attrs.fields_dict(cls)
         before = len(self.problems)
@@ -1097,14 +773,14 @@ class _Reader:
         the rules that span fields.
         """
         if not isinstance(data, Mapping):
-            self.problems.append((path, f"expected a table, got {_describe(data)}"))
+            self.problems.append((path, f"expected a table, got {describe(data)}"))
             raise _Reported
         name = data.get("policy")
         if not isinstance(name, str):
             reason = (
                 "missing required key"
                 if name is None
-                else f"expected a string, got {_describe(name)}"
+                else f"expected a string, got {describe(name)}"
             )
             self.problems.append((_join(path, "policy"), reason))
             raise _Reported
@@ -1122,13 +798,12 @@ class _Reader:
             return BASE
         if name in UNSUPPORTED_POLICIES:
             if scope == "api":
-                self.problems.append((_join(path, "policy"), _unsupported_at_api(name)))
+                self.problems.append((_join(path, "policy"), unsupported_at_api(name)))
                 raise _Reported
             return SkippedPolicy(name)
-        registry = _policy_registry()
-        cls = registry.get(name)
+        cls = POLICIES.get(name)
         if cls is None:
-            hint = _hint(name, [*registry, "base"])
+            hint = _hint(name, [*POLICIES, "base"])
             self.problems.append((_join(path, "policy"), f"unknown policy {name!r}{hint}"))
             raise _Reported
         fields = {field.alias or field.name: field for field in attrs.fields(cls) if field.init}
@@ -1149,8 +824,7 @@ class _Reader:
             except KeyedValueError as exc:
                 self.problems.extend((_join(path, k), reason) for k, reason in exc.problems)
             except (ValueError, TypeError) as exc:
-                text = _error_text(exc).removeprefix(f"{key}: ")  # the key path names it
-                self.problems.append((_join(path, key), text))
+                self.problems.append((_join(path, key), _error_text(exc)))
             except Exception:
                 pass  # the validator needs the instance: building the class below checks it
         for alias, field in fields.items():
@@ -1166,8 +840,7 @@ class _Reader:
             attr = exc.args[1] if len(exc.args) > 1 else None
             if isinstance(attr, attrs.Attribute):
                 name = attr.alias or attr.name
-                text = _error_text(exc).removeprefix(f"{name}: ")
-                self.problems.append((_join(path, name), text))
+                self.problems.append((_join(path, name), _error_text(exc)))
             else:
                 self.problems.append((path, _error_text(exc)))
         raise _Reported
@@ -1175,7 +848,7 @@ class _Reader:
     def _field(self, field: attrs.Attribute[Any], key: _Key, raw: object, path: str) -> object:
         """Type-check, convert and validate one value, as the class's own __init__ would."""
         if not key.accepts(raw):
-            raise ValueError(f"expected {key.expect}, got {_describe(raw)}")
+            raise ValueError(f"expected {key.expect}, got {describe(raw)}")
         value = key.convert(raw, self, path)
         if callable(field.converter):
             value = field.converter(value)

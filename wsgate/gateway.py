@@ -56,7 +56,8 @@ from .netio import (
     TLSSocket,
     set_keepalive,
 )
-from .policies import all_policies, check_subscription, pipeline
+from .policies.pipeline import all_policies, pipeline
+from .policies.subscription import check_subscription
 from .policy import HandshakeContext, PairStats, Policy, secret_query_parameters
 from .reactor import Reactor
 from .relay import Pair
@@ -589,7 +590,7 @@ class Gateway:
                     headers=[("Retry-After", str(RETRY_AFTER))],
                 ) from None
             try:
-                pair, backend_initial = await self._connect(client, ctx, upgrade, record, log)
+                pair, backend_initial = await self._connect(client, api, ctx, upgrade, record, log)
             except BaseException:
                 self._limiter.release_on_behalf_of(slot)
                 raise
@@ -610,16 +611,16 @@ class Gateway:
     async def _connect(
         self,
         client: Endpoint,
+        api: ApiConfig,
         ctx: HandshakeContext,
         upgrade: Any,
         record: _HandshakeLog,
         log: Any,
     ) -> tuple[Pair, bytes]:
-        """Open the backend, answer 101 and log the handshake.
+        """Open the backend for ``api``, answer 101 and log the handshake.
 
         Returns the new pair and the bytes the backend sent behind its 101.
         """
-        api: ApiConfig = ctx.api
         target = ctx.backend_target
         backend_scheme = "wss" if ctx.backend.secure else "ws"
         record.backend_url = redact_target(

@@ -1,6 +1,7 @@
 """The onHandshake hook: the contract between the gateway and its policies.
 
-A policy is a frozen attrs class registered under its config name::
+A policy is a frozen attrs class registered under its config name
+(:func:`wsgate.policies.registry.register`)::
 
     @register("check-header")
     @attrs.frozen(kw_only=True)
@@ -29,21 +30,47 @@ as ``last_error_source``) or answers it itself by raising
 Policy config is immutable; counters that outlive one handshake (rate limits,
 quotas) live in ``ctx.state(self, factory)``, one object per policy instance
 for the gateway's lifetime.
+
+The items of a ``policies`` list (:data:`PolicyEntry`) are policies and the two
+markers defined here: :data:`BASE` (``{ policy = "base" }``) and
+:class:`SkippedPolicy` (a seed policy wsgate cannot apply at onHandshake).
+This module imports no config: :mod:`wsgate.config` builds on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, TypeVar
 from urllib.parse import parse_qsl
 
 import attrs
 
+from .addresses import BackendURL
 from .errors import HandshakeRejected
+from .validate import KEY_KINDS, KeyedValueError, Validator, keyed, valid_key_spec
 
-if TYPE_CHECKING:  # config imports the policy registry; avoid the import cycle
-    from .config import ApiConfig, BackendURL
+if TYPE_CHECKING:
     from .handshake import ClientRequest, Headers
+
+__all__ = [
+    "BASE",
+    "KEY_KINDS",
+    "UNSUPPORTED_POLICIES",
+    "ApiView",
+    "BasePlacement",
+    "HandshakeContext",
+    "MessageLimiter",
+    "PairStats",
+    "Policy",
+    "PolicyEntry",
+    "PolicyResponse",
+    "SkippedPolicy",
+    "is_policy",
+    "policy_list",
+    "secret_query_parameters",
+    "unsupported_at_api",
+    "valid_key_spec",
+]
 
 T = TypeVar("T")
 
@@ -82,12 +109,27 @@ class MessageLimiter(Protocol):
         ...
 
 
+class ApiView(Protocol):
+    """What a policy may read of the API being called (a :class:`wsgate.config.ApiConfig`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def display_name(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def products(self) -> tuple[str, ...]: ...
+    @property
+    def backend(self) -> BackendURL: ...
+
+
 @attrs.define
 class HandshakeContext:
     """The handshake as one policy sees it, and the backend request it shapes."""
 
     request: ClientRequest
-    api: ApiConfig
+    api: ApiView
     backend: BackendURL
     rest: str  # the request path after the API's URL suffix
     query: str  # the client's query string, as forwarded
@@ -159,16 +201,6 @@ class HandshakeContext:
         return None
 
 
-KEY_KINDS = ("ip", "subscription", "api", "product", "header:", "query:", "claim:")
-
-
-def valid_key_spec(spec: str) -> bool:
-    """Whether ``spec`` is a counter-key spec :meth:`HandshakeContext.key` understands."""
-    return spec in KEY_KINDS[:4] or any(
-        spec.startswith(prefix) and len(spec) > len(prefix) for prefix in KEY_KINDS[4:]
-    )
-
-
 class Policy(Protocol):
     """One step of an onHandshake pipeline (``policy_name`` is set by @register)."""
 
@@ -189,18 +221,108 @@ def secret_query_parameters(policy: object) -> tuple[str, ...]:
     return names
 
 
-#: Every policy class by its config name (filled by @register).
-POLICIES: dict[str, type] = {}
+# --- the items of a policies list ---------------------------------------------------------
+
+#: Policies the seed platform cannot apply to a WebSocket API's onHandshake operation.
+#: At API scope they are config errors; inherited from global or product scope they
+#: are kept as :class:`SkippedPolicy` entries that never run.
+UNSUPPORTED_POLICIES = frozenset(
+    {
+        "mock-response",
+        "cache-lookup",
+        "cache-store",
+        "cross-domain",
+        "cors",
+        "jsonp",
+        "set-method",
+        "set-body",
+        "xml-to-json",
+        "json-to-xml",
+        "xsl-transform",
+        "validate-content",
+        "validate-parameters",
+        "validate-headers",
+        "validate-status-code",
+    }
+)
 
 
-def register(name: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: make a policy class available in config as ``policy = name``."""
+@attrs.frozen
+class BasePlacement:
+    """``{ policy = "base" }``: the enclosing scope's policies run at this position.
 
-    def add(cls: type[T]) -> type[T]:
-        if name in POLICIES:
-            raise ValueError(f"policy {name!r} registered twice")
-        POLICIES[name] = cls
-        cls.policy_name = name  # type: ignore[attr-defined]
-        return cls
+    Like the seed platform's ``<base/>``. Allowed once in a product's or an API's
+    list; without it the enclosing scope's policies run first, and with
+    ``inherit_policies = false`` they do not run at all.
+    """
 
-    return add
+    policy_name: ClassVar[str] = "base"
+
+
+#: The one placement marker (all instances are equal).
+BASE = BasePlacement()
+
+
+@keyed
+def _unsupported(_inst: object, _attr: attrs.Attribute[Any], value: str) -> None:
+    if value not in UNSUPPORTED_POLICIES:
+        raise ValueError(f"{value!r} is not one of the policies unsupported at onHandshake")
+
+
+@attrs.frozen
+class SkippedPolicy:
+    """An unsupported policy configured at global or product scope: kept, never run.
+
+    Its other settings are not validated (wsgate has no implementation of it).
+    """
+
+    policy_name: str = attrs.field(validator=_unsupported)
+
+
+#: One item of a ``policies`` list.
+PolicyEntry: TypeAlias = "Policy | BasePlacement | SkippedPolicy"
+
+
+def unsupported_at_api(name: str) -> str:
+    """Why unsupported policy ``name`` is refused in an API's list."""
+    return (
+        f"policy {name!r} is not supported by the onHandshake operation and cannot be"
+        " applied at API scope (inherited from global or product scope it is skipped)"
+    )
+
+
+def is_policy(item: object) -> bool:
+    """Whether ``item`` looks like a :class:`Policy` (a registered class with the hook)."""
+    return isinstance(getattr(type(item), "policy_name", None), str) and callable(
+        getattr(item, "on_handshake", None)
+    )
+
+
+def policy_list(scope: str) -> Validator:
+    """Validator of a ``policies`` list at ``scope`` ("global", "product" or "api").
+
+    Items are policies or markers; markers are legal for ``scope``; one base at most.
+    """
+
+    def check(_inst: object, attr: attrs.Attribute[Any], items: Sequence[object]) -> None:
+        problems: list[tuple[str, str]] = []
+        bases = 0
+        for index, item in enumerate(items):
+            key = f"{attr.name}[{index}]"
+            if isinstance(item, BasePlacement):
+                bases += 1
+                if scope == "global":
+                    problems.append(
+                        (key, '{ policy = "base" } is only allowed at product and API scope')
+                    )
+                elif bases > 1:
+                    problems.append((key, '{ policy = "base" } may appear only once per scope'))
+            elif isinstance(item, SkippedPolicy):
+                if scope == "api":
+                    problems.append((key, unsupported_at_api(item.policy_name)))
+            elif not is_policy(item):
+                problems.append((key, f"not a policy: a {type(item).__name__}"))
+        if problems:
+            raise KeyedValueError(problems)
+
+    return check

@@ -18,10 +18,24 @@ from urllib.parse import quote, unquote_plus
 
 import attrs
 
-from wsgate.config import BackendURL, KeyedValueError, _describe, _header_name, _one_of
+from wsgate.addresses import BackendURL
 from wsgate.errors import HandshakeRejected
 from wsgate.handshake import end_to_end
-from wsgate.policy import HandshakeContext, PolicyResponse, register, valid_key_spec
+from wsgate.policy import HandshakeContext, PolicyResponse
+from wsgate.validate import (
+    KeyedValueError,
+    boolean,
+    describe,
+    header_name,
+    key_spec,
+    keyed,
+    one_of,
+    optional,
+    valid_header_name,
+    valid_key_spec,
+)
+
+from .registry import register
 
 __all__ = [
     "AuthenticationBasic",
@@ -48,21 +62,18 @@ def _string_tuple(value: object) -> tuple[str, ...]:
         or not isinstance(value, list | tuple)
         or not all(isinstance(item, str) for item in value)
     ):
-        raise ValueError(f"expected an array of strings, got {_describe(value)}")
+        raise ValueError(f"expected an array of strings, got {describe(value)}")
     return tuple(value)
 
 
+@keyed
 def _text(_inst: object, _attr: _Attribute, value: object) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_describe(value)}")
-
-
-def _flag(_inst: object, _attr: _Attribute, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected a boolean, got {_describe(value)}")
+        raise ValueError(f"expected a string, got {describe(value)}")
 
 
 def _status(low: int, high: int) -> Any:
+    @keyed
     def check(_inst: object, _attr: _Attribute, value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"must be an HTTP status code {low}-{high}, got {value!r}")
@@ -70,21 +81,14 @@ def _status(low: int, high: int) -> Any:
     return check
 
 
-def _key_spec(_inst: object, _attr: _Attribute, value: object) -> None:
-    if value is not None and (not isinstance(value, str) or not valid_key_spec(value)):
-        raise ValueError(
-            f"invalid key {value!r}: use ip, subscription, api, product,"
-            " header:NAME, query:NAME or claim:NAME"
-        )
-
-
 def _managed_header(name: str) -> bool:
     """Whether the gateway owns ``name`` for each hop (the rule lives in end_to_end)."""
     return not end_to_end([(name, "")])
 
 
+@keyed
 def _settable_header(inst: object, attr: _Attribute, value: str) -> None:
-    _header_name(inst, attr, value)
+    header_name(inst, attr, value)
     if _managed_header(value):
         raise ValueError(
             f"{value!r} cannot be set by a policy: the gateway manages it for each hop"
@@ -104,11 +108,12 @@ def _header_value_problem(value: str) -> str | None:
     return None
 
 
+@keyed
 def _header_value(_inst: object, _attr: _Attribute, value: object) -> None:
     if value is None:
         return
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_describe(value)}")
+        raise ValueError(f"expected a string, got {describe(value)}")
     problem = _header_value_problem(value)
     if problem:
         raise ValueError(problem)
@@ -156,9 +161,9 @@ class CheckHeader:
 
     policy_name: ClassVar[str]
 
-    name: str = attrs.field(validator=_header_name)
+    name: str = attrs.field(validator=header_name)
     values: tuple[str, ...] = attrs.field(default=(), converter=_string_tuple)
-    ignore_case: bool = attrs.field(default=True, validator=_flag)
+    ignore_case: bool = attrs.field(default=True, validator=boolean)
     failed_check_httpcode: int = attrs.field(default=401, validator=_status(400, 599))
     failed_check_error_message: str = attrs.field(
         default=attrs.Factory(
@@ -204,6 +209,7 @@ def _parse_network(text: str) -> _Network:
         raise ValueError(f"invalid IP address or CIDR range {text!r}") from None
 
 
+@keyed
 def _networks(_inst: object, attr: _Attribute, value: tuple[str, ...]) -> None:
     if not value:
         raise ValueError("must list at least one address or CIDR range")
@@ -228,7 +234,7 @@ class IpFilter:
 
     policy_name: ClassVar[str]
 
-    action: str = attrs.field(validator=_one_of("allow", "forbid"))
+    action: str = attrs.field(validator=one_of("allow", "forbid"))
     addresses: tuple[str, ...] = attrs.field(converter=_string_tuple, validator=_networks)
     networks: tuple[_Network, ...] = attrs.field(init=False, eq=False, repr=False)
 
@@ -275,8 +281,8 @@ class SetHeader:
 
     name: str = attrs.field(validator=_settable_header)
     value: str | None = attrs.field(default=None, validator=_header_value)
-    value_from: str | None = attrs.field(default=None, validator=_key_spec)
-    exists_action: str = attrs.field(default="override", validator=_one_of(*_EXISTS_ACTIONS))
+    value_from: str | None = attrs.field(default=None, validator=optional(key_spec))
+    exists_action: str = attrs.field(default="override", validator=one_of(*_EXISTS_ACTIONS))
 
     def __attrs_post_init__(self) -> None:
         _value_or_from(self)
@@ -306,13 +312,15 @@ class SetHeader:
 # --- set-query-parameter ----------------------------------------------------------------
 
 
+@keyed
 def _param_name(_inst: object, _attr: _Attribute, value: object) -> None:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {_describe(value)}")
+        raise ValueError(f"expected a non-empty string, got {describe(value)}")
     if any(not ch.isprintable() for ch in value):
         raise ValueError("must not contain control characters")
 
 
+@keyed
 def _optional_text(inst: object, attr: _Attribute, value: object) -> None:
     if value is not None:
         _text(inst, attr, value)
@@ -334,8 +342,8 @@ class SetQueryParameter:
 
     name: str = attrs.field(validator=_param_name)
     value: str | None = attrs.field(default=None, validator=_optional_text)
-    value_from: str | None = attrs.field(default=None, validator=_key_spec)
-    exists_action: str = attrs.field(default="override", validator=_one_of(*_EXISTS_ACTIONS))
+    value_from: str | None = attrs.field(default=None, validator=optional(key_spec))
+    exists_action: str = attrs.field(default="override", validator=one_of(*_EXISTS_ACTIONS))
 
     def __attrs_post_init__(self) -> None:
         _value_or_from(self)
@@ -432,9 +440,10 @@ def _parse_template(text: str) -> _Template:
     )
 
 
+@keyed
 def _template(_inst: object, _attr: _Attribute, value: object) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_describe(value)}")
+        raise ValueError(f"expected a string, got {describe(value)}")
     _parse_template(value)
 
 
@@ -476,7 +485,7 @@ class RewriteUri:
     policy_name: ClassVar[str]
 
     template: str = attrs.field(validator=_template)
-    copy_unmatched_params: bool = attrs.field(default=True, validator=_flag)
+    copy_unmatched_params: bool = attrs.field(default=True, validator=boolean)
     parsed: _Template = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -511,9 +520,10 @@ class RewriteUri:
 # --- set-backend-service ----------------------------------------------------------------
 
 
+@keyed
 def _base_url(_inst: object, _attr: _Attribute, value: object) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_describe(value)}")
+        raise ValueError(f"expected a string, got {describe(value)}")
     BackendURL.parse(value)
 
 
@@ -541,13 +551,15 @@ class SetBackendService:
 # --- authentication-basic ---------------------------------------------------------------
 
 
+@keyed
 def _username(_inst: object, _attr: _Attribute, value: object) -> None:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {_describe(value)}")
+        raise ValueError(f"expected a non-empty string, got {describe(value)}")
     if ":" in value or any(not ch.isprintable() for ch in value):
         raise ValueError("must not contain ':' or control characters")
 
 
+@keyed
 def _password(_inst: object, _attr: _Attribute, value: object) -> None:
     # Never put the value in a message: it is a secret.
     if not isinstance(value, str):
@@ -589,7 +601,7 @@ def _header_pairs(value: object) -> tuple[tuple[str, str], ...]:
     else:
         raise ValueError(
             'expected a table { Name = "value" } or an array of ["Name", "value"] pairs,'
-            f" got {_describe(value)}"
+            f" got {describe(value)}"
         )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in items):
         raise ValueError("header names and values must be strings")
@@ -599,7 +611,7 @@ def _header_pairs(value: object) -> tuple[tuple[str, str], ...]:
 def _response_headers(_inst: object, attr: _Attribute, value: tuple[tuple[str, str], ...]) -> None:
     problems = []
     for name, text in value:
-        if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+        if not valid_header_name(name):
             problems.append((attr.name, f"invalid header name {name!r}"))
         elif _managed_header(name):
             problems.append((attr.name, f"{name!r} cannot be set: the gateway writes it"))

@@ -48,9 +48,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.types import Options
 
-from ..config import KeyedValueError
 from ..errors import HandshakeRejected
-from ..policy import HandshakeContext, register
+from ..policy import HandshakeContext
+from ..validate import KeyedValueError, boolean, keyed, number, one_of
+from .registry import register
 
 __all__ = ["DEFAULT_MESSAGE", "RequiredClaim", "ValidateJwt"]
 
@@ -82,44 +83,32 @@ KEY_SOURCES = (
 _log = structlog.get_logger("wsgate.policies.jwt")
 
 
-# --- validators and converters (each names its key: the config reader shows them as-is) ---
+# --- validators and converters (messages: see wsgate.validate) ---------------------------
 
 
-def _opt_str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+@keyed
+def _opt_str(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"{attr.name}: must be a non-empty string, got {value!r}")
+        raise ValueError(f"must be a non-empty string, got {value!r}")
 
 
-def _text(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+@keyed
+def _text(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{attr.name}: must be a non-empty string, got {value!r}")
+        raise ValueError(f"must be a non-empty string, got {value!r}")
 
 
+@keyed
 def _token_name(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     _opt_str(_inst, attr, value)
     if isinstance(value, str) and any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ValueError(f"{attr.name}: must not contain whitespace, got {value!r}")
+        raise ValueError(f"must not contain whitespace, got {value!r}")
 
 
-def _number(minimum: float, *, inclusive: bool = True) -> Any:
-    def check(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{attr.name}: must be a number, got {value!r}")
-        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-            op = ">=" if inclusive else ">"
-            raise ValueError(f"{attr.name}: must be a finite number {op} {minimum:g}, got {value}")
-
-    return check
-
-
-def _bool(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{attr.name}: must be true or false, got {value!r}")
-
-
-def _status(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+@keyed
+def _status(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
-        raise ValueError(f"{attr.name}: must be an HTTP error status 400-599, got {value!r}")
+        raise ValueError(f"must be an HTTP error status 400-599, got {value!r}")
 
 
 def _tuple(items: Iterable[str]) -> tuple[str, ...]:
@@ -131,14 +120,15 @@ def _opt_tuple(items: Iterable[str] | None) -> tuple[str, ...] | None:
     return None if items is None else _tuple(items)
 
 
+@keyed
 def _strings(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     if value is None and attr.default is None:
         return
     if not isinstance(value, tuple):
-        raise ValueError(f"{attr.name}: must be a list of strings, got {value!r}")
+        raise ValueError(f"must be a list of strings, got {value!r}")
     for item in value:
         if not isinstance(item, str) or not item:
-            raise ValueError(f"{attr.name}: must contain only non-empty strings, got {item!r}")
+            raise ValueError(f"must contain only non-empty strings, got {item!r}")
 
 
 def _opt_path(value: str | os.PathLike[str] | None) -> Path | None:
@@ -146,34 +136,43 @@ def _opt_path(value: str | os.PathLike[str] | None) -> Path | None:
     return Path(value) if isinstance(value, str) else cast(Path | None, value)
 
 
-def _path(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+@keyed
+def _path(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not isinstance(value, Path):
-        raise ValueError(f"{attr.name}: must be a file path, got {value!r}")
+        raise ValueError(f"must be a file path, got {value!r}")
 
 
+@keyed
 def _algorithms(_inst: object, attr: attrs.Attribute[Any], value: tuple[str, ...] | None) -> None:
     _strings(_inst, attr, value)
     if value is None:
         return
     if not value:
-        raise ValueError(f"{attr.name}: must not be empty (leave it out for the key's defaults)")
+        raise ValueError("must not be empty (leave it out for the key's defaults)")
     for name in value:
         if name.lower() == "none":
-            raise ValueError(f"{attr.name}: 'none' (unsigned tokens) is never accepted")
+            raise ValueError("'none' (unsigned tokens) is never accepted")
         if name not in SUPPORTED_ALGORITHMS:
             raise ValueError(
-                f"{attr.name}: unsupported algorithm {name!r}; "
+                f"unsupported algorithm {name!r}; "
                 f"choose from {', '.join(sorted(SUPPORTED_ALGORITHMS))}"
             )
 
 
+@keyed
 def _http_url(_inst: object, attr: attrs.Attribute[Any], value: str | None) -> None:
     if value is None:
         return
     _opt_str(_inst, attr, value)
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{attr.name}: must be an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+
+
+@keyed
+def _separator(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value):  # " " is one
+        raise ValueError(f"must be a non-empty string, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -187,18 +186,8 @@ class RequiredClaim:
 
     name: str = attrs.field(validator=_token_name)
     values: tuple[str, ...] = attrs.field(default=(), converter=_tuple, validator=_strings)
-    match: Literal["all", "any"] = attrs.field(default="all")
-    separator: str | None = attrs.field(default=None)
-
-    @match.validator
-    def _check_match(self, _attr: attrs.Attribute[Any], value: object) -> None:
-        if value not in ("all", "any"):
-            raise ValueError(f"match: must be 'all' or 'any', got {value!r}")
-
-    @separator.validator
-    def _check_separator(self, _attr: attrs.Attribute[Any], value: object) -> None:
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"separator: must be a non-empty string, got {value!r}")
+    match: Literal["all", "any"] = attrs.field(default="all", validator=one_of("all", "any"))
+    separator: str | None = attrs.field(default=None, validator=_separator)
 
     def satisfied_by(self, claims: Mapping[str, Any]) -> bool:
         if self.name not in claims or claims[self.name] is None:
@@ -239,9 +228,10 @@ def _required_claims(
             raise KeyedValueError(
                 [(f"required_claims[{index}]", f"{exc}; keys are name, values, match, separator")]
             ) from None
-        except ValueError as exc:
-            key, _, reason = str(exc).partition(": ")
-            raise KeyedValueError([(f"required_claims[{index}].{key}", reason)]) from None
+        except KeyedValueError as exc:
+            raise KeyedValueError(
+                (f"required_claims[{index}].{key}", reason) for key, reason in exc.problems
+            ) from None
     return tuple(result)
 
 
@@ -503,11 +493,9 @@ class ValidateJwt:
         default=None, converter=_opt_path, validator=_path, metadata={"file": True}
     )
     openid_config_url: str | None = attrs.field(default=None, validator=_http_url)
-    jwks_refresh_interval: float = attrs.field(
-        default=3600.0, validator=_number(0, inclusive=False)
-    )
-    jwks_refresh_backoff: float = attrs.field(default=10.0, validator=_number(0))
-    fetch_timeout: float = attrs.field(default=10.0, validator=_number(0, inclusive=False))
+    jwks_refresh_interval: float = attrs.field(default=3600.0, validator=number(0, inclusive=False))
+    jwks_refresh_backoff: float = attrs.field(default=10.0, validator=number(0))
+    fetch_timeout: float = attrs.field(default=10.0, validator=number(0, inclusive=False))
     # what a valid token is
     algorithms: tuple[str, ...] | None = attrs.field(
         default=None, converter=_opt_tuple, validator=_algorithms
@@ -515,13 +503,13 @@ class ValidateJwt:
     audiences: tuple[str, ...] = attrs.field(default=(), converter=_tuple, validator=_strings)
     issuers: tuple[str, ...] = attrs.field(default=(), converter=_tuple, validator=_strings)
     required_claims: tuple[RequiredClaim, ...] = attrs.field(default=(), converter=_required_claims)
-    require_expiration_time: bool = attrs.field(default=True, validator=_bool)
-    clock_skew: float = attrs.field(default=0.0, validator=_number(0))
+    require_expiration_time: bool = attrs.field(default=True, validator=boolean)
+    clock_skew: float = attrs.field(default=0.0, validator=number(0))
     # how a failure is answered
     failed_validation_httpcode: int = attrs.field(default=401, validator=_status)
     failed_validation_error_message: str = attrs.field(default=DEFAULT_MESSAGE, validator=_text)
     # beyond the seed
-    close_on_expiry: bool = attrs.field(default=False, validator=_bool)
+    close_on_expiry: bool = attrs.field(default=False, validator=boolean)
 
     _allowed: frozenset[str] = attrs.field(init=False, repr=False, eq=False)
     _keys: tuple[_Key, ...] = attrs.field(init=False, repr=False, eq=False)

@@ -40,9 +40,10 @@ from typing import Any, ClassVar, Literal
 import attrs
 import trio
 
-from ..config import KeyedValueError
 from ..errors import HandshakeRejected
-from ..policy import HandshakeContext, MessageLimiter, PairStats, register, valid_key_spec
+from ..policy import HandshakeContext, MessageLimiter, PairStats
+from ..validate import KeyedValueError, key_spec, number, one_of, optional
+from .registry import register
 
 __all__ = [
     "MAX_KEYS",
@@ -279,31 +280,8 @@ class _Both:
 # --- validators -------------------------------------------------------------------------
 
 
-def _positive_int(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if value is None and attr.default is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attr.name}: must be an integer >= 1, got {value!r}")
-
-
-def _positive(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if value is None and attr.default is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{attr.name}: must be a number > 0, got {value!r}")
-
-
-def _key_spec(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not valid_key_spec(value):
-        raise ValueError(
-            f"{attr.name}: invalid key {value!r}; use ip, subscription, api, product, "
-            "header:NAME, query:NAME or claim:NAME"
-        )
+_positive_int = number(1, integer=True)
+_positive = number(0, inclusive=False)
 
 
 def _retry_after(seconds: float) -> str:
@@ -370,7 +348,7 @@ class RateLimit(_RateLimitBase):
 class RateLimitByKey(_RateLimitBase):
     """``calls`` handshakes per ``renewal_period`` seconds per ``counter_key``."""
 
-    counter_key: str = attrs.field(validator=_key_spec)
+    counter_key: str = attrs.field(validator=key_spec)
 
     def _counter_key(self, ctx: HandshakeContext) -> str:
         return _by_key(ctx, self.counter_key)
@@ -383,8 +361,8 @@ class RateLimitByKey(_RateLimitBase):
 class _QuotaBase:
     policy_name: ClassVar[str]
 
-    calls: int | None = attrs.field(default=None, validator=_positive_int)
-    bandwidth: int | None = attrs.field(default=None, validator=_positive_int)
+    calls: int | None = attrs.field(default=None, validator=optional(_positive_int))
+    bandwidth: int | None = attrs.field(default=None, validator=optional(_positive_int))
     renewal_period: float = attrs.field(validator=_positive)
 
     def __attrs_post_init__(self) -> None:
@@ -433,7 +411,7 @@ class Quota(_QuotaBase):
 class QuotaByKey(_QuotaBase):
     """``calls`` and/or ``bandwidth`` bytes per ``renewal_period`` per ``counter_key``."""
 
-    counter_key: str = attrs.field(validator=_key_spec)
+    counter_key: str = attrs.field(validator=key_spec)
 
     def _counter_key(self, ctx: HandshakeContext) -> str:
         return _by_key(ctx, self.counter_key)
@@ -450,7 +428,7 @@ class LimitConcurrency:
     policy_name: ClassVar[str]
 
     max_count: int = attrs.field(validator=_positive_int)
-    counter_key: str = attrs.field(default="api", validator=_key_spec)
+    counter_key: str = attrs.field(default="api", validator=key_spec)
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
         slots = ctx.state(self, lambda: Slots(self.max_count))
@@ -468,11 +446,6 @@ class LimitConcurrency:
 # --- message rate -----------------------------------------------------------------------
 
 
-def _on_exceed(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if value not in ("delay", "close"):
-        raise ValueError(f"{attr.name}: must be 'delay' or 'close', got {value!r}")
-
-
 @register("message-rate-limit")
 @attrs.frozen(kw_only=True)
 class MessageRateLimit:
@@ -480,11 +453,13 @@ class MessageRateLimit:
 
     policy_name: ClassVar[str]
 
-    messages_per_second: float | None = attrs.field(default=None, validator=_positive)
-    bytes_per_second: float | None = attrs.field(default=None, validator=_positive)
-    burst: float | None = attrs.field(default=None, validator=_positive)
-    burst_bytes: float | None = attrs.field(default=None, validator=_positive)
-    on_exceed: Literal["delay", "close"] = attrs.field(default="delay", validator=_on_exceed)
+    messages_per_second: float | None = attrs.field(default=None, validator=optional(_positive))
+    bytes_per_second: float | None = attrs.field(default=None, validator=optional(_positive))
+    burst: float | None = attrs.field(default=None, validator=optional(_positive))
+    burst_bytes: float | None = attrs.field(default=None, validator=optional(_positive))
+    on_exceed: Literal["delay", "close"] = attrs.field(
+        default="delay", validator=one_of("delay", "close")
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.messages_per_second is None and self.bytes_per_second is None:
