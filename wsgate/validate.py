@@ -43,6 +43,7 @@ __all__ = [
     "existing_file",
     "has_space_or_control",
     "header_name",
+    "http_status",
     "key_spec",
     "keyed",
     "number",
@@ -147,6 +148,17 @@ def number(
             raise ValueError(f"must be {op} {minimum:g}, got {value!r}")
         if maximum is not None and value > maximum:
             raise ValueError(f"must be <= {maximum:g}, got {value!r}")
+
+    return check
+
+
+def http_status(low: int, high: int) -> Validator:
+    """An HTTP status code from ``low`` to ``high``."""
+
+    @keyed
+    def check(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be an HTTP status code {low}-{high}, got {value!r}")
 
     return check
 

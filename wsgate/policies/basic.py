@@ -27,6 +27,7 @@ from wsgate.validate import (
     boolean,
     describe,
     header_name,
+    http_status,
     key_spec,
     keyed,
     one_of,
@@ -70,15 +71,6 @@ def _string_tuple(value: object) -> tuple[str, ...]:
 def _text(_inst: object, _attr: _Attribute, value: object) -> None:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {describe(value)}")
-
-
-def _status(low: int, high: int) -> Any:
-    @keyed
-    def check(_inst: object, _attr: _Attribute, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"must be an HTTP status code {low}-{high}, got {value!r}")
-
-    return check
 
 
 def _managed_header(name: str) -> bool:
@@ -164,7 +156,7 @@ class CheckHeader:
     name: str = attrs.field(validator=header_name)
     values: tuple[str, ...] = attrs.field(default=(), converter=_string_tuple)
     ignore_case: bool = attrs.field(default=True, validator=boolean)
-    failed_check_httpcode: int = attrs.field(default=401, validator=_status(400, 599))
+    failed_check_httpcode: int = attrs.field(default=401, validator=http_status(400, 599))
     failed_check_error_message: str = attrs.field(
         default=attrs.Factory(
             lambda self: f"Missing or invalid header {self.name}", takes_self=True
@@ -628,7 +620,7 @@ class ReturnResponse:
 
     policy_name: ClassVar[str]
 
-    status: int = attrs.field(default=200, validator=_status(200, 599))
+    status: int = attrs.field(default=200, validator=http_status(200, 599))
     headers: tuple[tuple[str, str], ...] = attrs.field(
         default=(), converter=_header_pairs, validator=_response_headers
     )

@@ -50,7 +50,7 @@ from jwt.types import Options
 
 from ..errors import HandshakeRejected
 from ..policy import HandshakeContext
-from ..validate import KeyedValueError, boolean, keyed, number, one_of
+from ..validate import KeyedValueError, boolean, http_status, keyed, number, one_of
 from .registry import register
 
 __all__ = ["DEFAULT_MESSAGE", "RequiredClaim", "ValidateJwt"]
@@ -103,12 +103,6 @@ def _token_name(_inst: object, attr: attrs.Attribute[Any], value: object) -> Non
     _opt_str(_inst, attr, value)
     if isinstance(value, str) and any(ch.isspace() or not ch.isprintable() for ch in value):
         raise ValueError(f"must not contain whitespace, got {value!r}")
-
-
-@keyed
-def _status(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
-        raise ValueError(f"must be an HTTP error status 400-599, got {value!r}")
 
 
 def _tuple(items: Iterable[str]) -> tuple[str, ...]:
@@ -506,7 +500,7 @@ class ValidateJwt:
     require_expiration_time: bool = attrs.field(default=True, validator=boolean)
     clock_skew: float = attrs.field(default=0.0, validator=number(0))
     # how a failure is answered
-    failed_validation_httpcode: int = attrs.field(default=401, validator=_status)
+    failed_validation_httpcode: int = attrs.field(default=401, validator=http_status(400, 599))
     failed_validation_error_message: str = attrs.field(default=DEFAULT_MESSAGE, validator=_text)
     # beyond the seed
     close_on_expiry: bool = attrs.field(default=False, validator=boolean)
