@@ -71,6 +71,8 @@ from wsgate.validate import (
     strings,
 )
 
+# The value types, policy entries and KeyedValueError live in lower modules
+# (docs/architecture.md); they are re-exported for code that imports them from here.
 __all__ = [
     "BASE",
     "UNSUPPORTED_POLICIES",
