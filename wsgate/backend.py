@@ -94,11 +94,10 @@ async def dial_tcp(host: str, port: int) -> socket.socket:
     Trio's socket layer, whose address checks cost a handshake more than the
     connect itself.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    family = _ip_family(host)
+    if family is None:
         return detach(await trio.open_tcp_stream(host, port))
-    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+    sock = socket.socket(family)
     try:
         sock.setblocking(False)
         error = sock.connect_ex((host, port))
@@ -117,6 +116,16 @@ async def dial_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP literal, None for a name (parsed once per backend)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 async def _upgrade(
