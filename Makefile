@@ -49,12 +49,12 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 ## Load benchmark (12-15 minutes on 2 cores): markdown table, JSON and charts in
 ## benchmarks/results/ (see docs/performance.md). Extra options: make bench BENCH_ARGS='...'.
 bench: $(BENCH_STAMP)
-	@bash benchmarks/install_nginx.sh
+	@bash benchmarks/install_proxies.sh
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 ## The one-minute subset of the benchmark.
 bench-quick: $(BENCH_STAMP)
-	@bash benchmarks/install_nginx.sh
+	@bash benchmarks/install_proxies.sh
 	$(BIN)/python -m benchmarks.run --quick $(BENCH_ARGS)
 
 ## Instructions per echo (or per handshake) counted by valgrind: deterministic where CPU

@@ -3,7 +3,9 @@
 * ``throughput.png``: msgs/s per scenario, one bar per target (log scale);
 * ``latency.png``: p50 / p99 / p99.9 per scenario and target (log scale);
 * ``latency_distribution.png``: the percentile spectrum of each target in the
-  headline scenario (100 x 32 B, depth 1, when it was run).
+  headline scenario (100 x 32 B, depth 1, when it was run);
+* ``churn.png``: proxy CPU per open-echo-close cycle, plain and TLS, one bar per
+  target, with nginx's figure drawn as a line.
 """
 
 from __future__ import annotations
@@ -113,6 +115,33 @@ def distribution(report: Mapping[str, Any], path: Path) -> Path | None:
     return path
 
 
+def churn(report: Mapping[str, Any], path: Path) -> Path | None:
+    plain = report.get("handshakes", {}).get("results", {})
+    tls = report.get("tls", {}).get("handshakes", {})
+    rows = [
+        (name, f["proxy_cpu_us_per_msg"])
+        for name, f in [*plain.items(), *tls.items()]
+        if f.get("proxy_cpu_us_per_msg")
+    ]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5))
+    names = [n for n, _ in rows]
+    ax.barh(names, [v for _, v in rows], color=[COLORS.get(n) for n in names])
+    for reference in ("nginx", "nginx-tls"):
+        figures = plain.get(reference) or tls.get(reference) or {}
+        if figures.get("proxy_cpu_us_per_msg"):
+            ax.axvline(figures["proxy_cpu_us_per_msg"], color="#2ca02c", ls="--", lw=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("proxy CPU per cycle (us, lower is better); dashed: nginx")
+    ax.set_title("Connection churn: open, one 32 B echo, close")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def draw_all(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Draw every chart of ``report`` into ``out_dir``; return the files written."""
     if not report.get("load"):
@@ -124,6 +153,9 @@ def draw_all(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     dist = distribution(report, out_dir / "latency_distribution.png")
     if dist is not None:
         written.append(dist)
+    cycle = churn(report, out_dir / "churn.png")
+    if cycle is not None:
+        written.append(cycle)
     return written
 
 

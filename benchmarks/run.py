@@ -39,7 +39,7 @@ from typing import Any
 
 from . import procs, stats
 from .loadgen import MIN_SIZE, LoadGenerator, split
-from .targets import ALL, HANDSHAKES_ONLY, OPTIONAL, PLAIN, ROOT, TLS, Nginx, Target
+from .targets import ALL, HANDSHAKES_ONLY, OPTIONAL, PLAIN, ROOT, TLS, HAProxy, Nginx, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 atexit.register(procs.kill_all)
@@ -367,7 +367,7 @@ class Bench:
         idle_names = [n for n in available if ALL[n].proxy] if o.idle_pairs > 0 else []
         # e.g. wsgate-jwt, measured beside wsgate.
         hs_only = (
-            [n for n in HANDSHAKES_ONLY if n.rsplit("-", 1)[0] in available]
+            [n for n, cls in HANDSHAKES_ONLY.items() if cls.base in available]
             if o.handshake_duration > 0
             else []
         )
@@ -515,6 +515,8 @@ class Bench:
         }
         if "nginx" in available:
             versions["nginx"] = Nginx.version()
+        if "haproxy" in available:
+            versions["haproxy"] = HAProxy.version()
         cpu_model = _cpu_model()
         others = [
             f.get("other_cpu_pct") or 0.0

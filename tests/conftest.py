@@ -11,10 +11,16 @@ import pytest
 import structlog
 import structlog.testing
 import trio
+from hypothesis import HealthCheck, settings
 
 from wsgate.echo import serve_echo
 
 from . import helpers
+
+# Hypothesis's timing checks (a per-example deadline, "input generation is slow")
+# fail on a busy 2-core machine without any defect: speed lives in benchmarks.
+settings.register_profile("wsgate", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("wsgate")
 
 #: Seconds an async test may take unless marked ``@pytest.mark.deadline(N)``.
 DEFAULT_DEADLINE = 30.0

@@ -26,7 +26,7 @@ from benchmarks.run import (
     options_from_args,
     run,
 )
-from benchmarks.targets import ALL, WsgateJWT
+from benchmarks.targets import ALL, HAProxy, WsgateJWT
 
 from .helpers import start_gateway, wait_until
 
@@ -182,6 +182,55 @@ def test_markdown_table_and_ratios() -> None:
     assert "| memory per idle pair | 10.0 KiB | <= 12 KiB | met |" in md
 
 
+def test_churn_table_divides_cpu_per_cycle_by_nginx() -> None:
+    results = {
+        "nginx": {"msgs_per_s": 2000.0, "proxy_cpu_us_per_msg": 200.0, "errors": 0},
+        "wsgate": {"msgs_per_s": 1000.0, "proxy_cpu_us_per_msg": 500.0, "errors": 0},
+        "haproxy": {"msgs_per_s": 2000.0, "proxy_cpu_us_per_msg": 180.0, "errors": 0},
+    }
+    md = stats.handshake_table(results, ["wsgate", "nginx", "haproxy"])
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    row = next(line for line in md.splitlines() if "| **wsgate** |" in line)
+    cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|")), strict=True))
+    assert cells["proxy us/cycle"] == "500"
+    assert cells["CPU x nginx"] == "2.50x"
+    report = {"handshakes": {"results": results}, "load": []}
+    rows = {goal: verdict for goal, _v, _w, verdict in stats.goals(report)}
+    assert rows["churn: wsgate CPU per cycle / nginx's"] == "met"  # 2.5x <= 2.5x
+    results["wsgate"]["proxy_cpu_us_per_msg"] = 520.0
+    rows = {goal: verdict for goal, _v, _w, verdict in stats.goals(report)}
+    assert rows["churn: wsgate CPU per cycle / nginx's"] == "**not met**"
+
+
+@pytest.mark.skipif(HAProxy.absent() is not None, reason="HAProxy is not installed")
+def test_haproxy_target_relays_and_churns(tmp_path: Path) -> None:
+    options = Options(
+        mode="test",
+        targets=["haproxy"],
+        scenarios=[(2, 64, 1)],
+        warmup=0.1,
+        duration=0.3,
+        rounds=1,
+        processes=1,
+        handshake_duration=0.2,
+        handshake_concurrency=2,
+        idle_pairs=0,
+        tls=False,
+        charts=False,
+        progress=False,
+        out_dir=tmp_path,
+        print_report=False,
+        quiet_wait=0,
+        quiet_step=0,
+    )
+    report = run(options)
+    f = report["load"][0]["results"]["haproxy"]
+    assert f["errors"] == 0 and f["messages"] > 0 and f["proxy_cpu_us_per_msg"] is not None
+    hs = report["handshakes"]["results"]["haproxy"]
+    assert hs["errors"] == 0 and hs["messages"] > 0
+    assert report["meta"]["versions"]["haproxy"]
+
+
 def test_every_target_has_a_colour_of_its_own() -> None:
     colours = [cls.color for cls in ALL.values()]
     assert all(colours) and len(set(colours)) == len(colours)
@@ -240,6 +289,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert hs["wsgate"]["errors"] == 0 and hs["wsgate"]["messages"] > 0
     # Measured beside wsgate for handshakes only: every token was accepted.
     assert hs["wsgate-jwt"]["errors"] == 0 and hs["wsgate-jwt"]["messages"] > 0
+    assert hs["wsgate-jwt-hs256"]["errors"] == 0 and hs["wsgate-jwt-hs256"]["messages"] > 0
     idle = report["idle"]["results"]
     assert list(idle) == ["wsgate"]  # direct has no proxy to weigh
     assert idle["wsgate"]["pairs"] == 10 and idle["wsgate"]["alive"] == 10

@@ -139,7 +139,7 @@ async def test_malformed_request_gets_400(
 async def test_unknown_transfer_coding_gets_501_and_the_gateway_serves_on(
     nursery: trio.Nursery, echo_url: str
 ) -> None:
-    """Found by the fuzzer: h11 refuses it with 501 (RFC 9112 6.1), which is passed on."""
+    """Found by the fuzzer: a coding the gateway cannot frame is a 501 (RFC 9112 6.1)."""
     with capture_logs() as logs:
         gw = await start_gateway(nursery, echo_url, handshake_timeout=5)
         status, _, body = await raw_exchange(

@@ -109,3 +109,47 @@ def test_a_transfer_coding_it_does_not_implement_gets_501(coding: bytes) -> None
         parser.feed(GOOD.replace(b"\r\n\r\n", b"\r\n" + coding + b"\r\n"))
     assert caught.value.status == 501
     assert caught.value.reason == "MalformedRequest"
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        (b"Host: other\r\n", "two Host headers"),
+        (b"X-A: a\x01b\r\n", "a control character"),
+        (b"X-A: a\r\n b\r\n", "obs-fold"),
+    ],
+)
+def test_what_llhttp_or_rfc_9112_refuses_is_400(extra: bytes, why: str) -> None:
+    parser = RequestParser(client_ip="127.0.0.1", secure=False)
+    with pytest.raises(HandshakeRejected) as info:
+        parser.feed(GOOD.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n"))
+    assert info.value.status == 400, why
+    assert info.value.reason == "MalformedRequest"
+
+
+def test_no_host_is_400_and_the_error_quotes_no_request_bytes() -> None:
+    parser = RequestParser(client_ip="127.0.0.1", secure=False)
+    secret = b"Authorization: Bearer s3cr3t\x01\r\n"
+    with pytest.raises(HandshakeRejected) as info:
+        parser.feed(b"GET / HTTP/1.1\r\n" + secret + b"\r\n")
+    assert info.value.status == 400 and "s3cr3t" not in info.value.message
+    with pytest.raises(HandshakeRejected) as info:
+        RequestParser(client_ip="127.0.0.1", secure=False).feed(b"GET / HTTP/1.1\r\nX: y\r\n\r\n")
+    assert info.value.status == 400 and "Host" in info.value.message
+
+
+def test_values_lose_surrounding_whitespace_and_keep_their_bytes() -> None:
+    request = RequestParser(client_ip="127.0.0.1", secure=False).feed(
+        GOOD.replace(b"\r\n\r\n", b"\r\nX-Name: \t Jos\xc3\xa9 \t\r\n\r\n")
+    )
+    assert request is not None
+    assert request.header("x-name") == "Jos\xc3\xa9"  # latin-1: the client's bytes one for one
+
+
+def test_a_pipelined_second_request_is_neither_parsed_nor_an_error() -> None:
+    # Not an upgrade: the first request is returned (to be refused with 426) and what
+    # follows it is kept aside, whatever it is.
+    parser = RequestParser(client_ip="127.0.0.1", secure=False)
+    request = parser.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00garbage")
+    assert request is not None and request.path == "/"
+    assert request.header("host") == "x"

@@ -11,19 +11,19 @@ import ssl
 from pathlib import Path
 
 import attrs
-import h11
 import trio
 from wsproto.utilities import generate_nonce
 
 from .addresses import BackendURL
-from .errors import BackendProtocolError, BackendRejected, map_backend_errors
+from .errors import BackendRejected, map_backend_errors
 from .handshake import (
-    MAX_REQUEST_HEAD,
     BackendAccept,
     Headers,
+    ResponseHead,
+    ResponseParser,
     Upgrade,
+    backend_request,
     check_backend_101,
-    describe_http_error,
 )
 from .netio import SHARED_BUFFER, Endpoint, RawSocket, TLSSocket, detach, set_keepalive
 
@@ -63,6 +63,9 @@ async def open_backend(
     The caller bounds this with ``trio.fail_after(backend_connect_timeout)``.
     Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
     """
+    key = generate_nonce().decode()
+    # Built (and checked) before dialling: a request that cannot be sent costs no connection.
+    request = backend_request(target, backend.host_header, key, headers)
     with map_backend_errors(backend.url):
         conn = await dial_tcp(backend.host, backend.port)
         endpoint: Endpoint
@@ -77,7 +80,7 @@ async def open_backend(
                 set_keepalive(conn, *keepalive)
             if isinstance(endpoint, TLSSocket):
                 await endpoint.do_handshake()
-            accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
+            accept, trailing = await _upgrade(endpoint, request, key, upgrade)
         except BaseException:
             endpoint.abort()
             raise
@@ -91,11 +94,10 @@ async def dial_tcp(host: str, port: int) -> socket.socket:
     Trio's socket layer, whose address checks cost a handshake more than the
     connect itself.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    family = _ip_family(host)
+    if family is None:
         return detach(await trio.open_tcp_stream(host, port))
-    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+    sock = socket.socket(family)
     try:
         sock.setblocking(False)
         error = sock.connect_ex((host, port))
@@ -116,71 +118,44 @@ async def dial_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+@functools.lru_cache(maxsize=1024)
+def _ip_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP literal, None for a name (parsed once per backend)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
 async def _upgrade(
-    endpoint: Endpoint, backend: BackendURL, target: str, headers: Headers, upgrade: Upgrade
+    endpoint: Endpoint, request: bytes, key: str, upgrade: Upgrade
 ) -> tuple[BackendAccept, bytes]:
-    key = generate_nonce().decode()
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_REQUEST_HEAD)
-    own = [
-        ("Host", backend.host_header),
-        ("Upgrade", "websocket"),
-        ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", key),
-        ("Sec-WebSocket-Version", "13"),
-    ]
-    request = h11.Request(
-        method="GET",
-        target=target,
-        # The client's values were decoded as latin-1 (bytes 0x80-0xFF are legal in
-        # a field value): encode them back byte for byte. Given str, h11 encodes as
-        # ASCII and fails the handshake with a 500.
-        headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in [*own, *headers]],
-    )
-    data = conn.send(request)
-    assert data is not None
-    await endpoint.send_all(data)
+    await endpoint.send_all(request)
+    parser = ResponseParser()
     buf = SHARED_BUFFER[: 16 * 1024]
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise BackendProtocolError(
-                f"backend answered with invalid HTTP: {describe_http_error(exc)}"
-            ) from None
-        if event is h11.NEED_DATA:
-            n = await endpoint.recv_into(buf)
-            conn.receive_data(bytes(buf[:n]))
-        elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-            response_headers = [
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
-            ]
-            accept = check_backend_101(response_headers, key=key, upgrade=upgrade)
-            return accept, conn.trailing_data[0]
-        elif isinstance(event, h11.Response):
-            raise await _rejection(conn, endpoint, event, buf)
-        elif isinstance(event, h11.ConnectionClosed):
-            raise BackendProtocolError("backend closed the connection during the handshake")
-        # Other 1xx responses are skipped, as RFC 9110 15.2 allows.
+    head = None
+    while head is None:
+        n = await endpoint.recv_into(buf)
+        head = parser.feed(bytes(buf[:n]))
+    if head.status == 101:
+        return check_backend_101(head.headers, key=key, upgrade=upgrade), head.trailing
+    raise await _rejection(parser, head, endpoint, buf)
 
 
 async def _rejection(
-    conn: h11.Connection, endpoint: Endpoint, response: h11.Response, buf: memoryview
+    parser: ResponseParser, head: ResponseHead, endpoint: Endpoint, buf: memoryview
 ) -> BackendRejected:
-    body = bytearray()
+    """The backend's refusal, with as much of its body as arrives within a second."""
     with trio.move_on_after(1.0):
-        while len(body) < MAX_REJECTION_BODY:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                n = await endpoint.recv_into(buf)
-                conn.receive_data(bytes(buf[:n]))
-            elif isinstance(event, h11.Data):
-                body += event.data
-            else:
+        while not head.complete and len(head.body) < MAX_REJECTION_BODY:
+            n = await endpoint.recv_into(buf)
+            head = parser.feed(bytes(buf[:n])) or head
+            if n == 0:
                 break
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers]
     return BackendRejected(
-        response.status_code,
-        f"backend refused the handshake with {response.status_code}",
-        body=bytes(body[:MAX_REJECTION_BODY]),
-        headers=headers,
+        head.status,
+        f"backend refused the handshake with {head.status}",
+        body=head.body[:MAX_REJECTION_BODY],
+        headers=head.headers,
     )

@@ -30,6 +30,7 @@ from wsgate.handshake import (
     SECRET_PARAMS,
     RequestParser,
     backend_headers,
+    backend_request,
     error_response,
     redact_target,
     validate_upgrade,
@@ -246,7 +247,7 @@ def check_handshake(data: bytes) -> None:
             if flags & 16:
                 request = parser.feed(b"")
     except HandshakeRejected as exc:
-        # 501: a transfer coding h11 does not implement (RFC 9112 6.1), as nginx answers.
+        # 501: a transfer coding the gateway cannot frame (RFC 9112 6.1), as nginx answers.
         assert exc.status in (400, 431, 501), exc.status
         _clean_refusal(exc)
         return
@@ -269,23 +270,16 @@ def check_handshake(data: bytes) -> None:
     headers = backend_headers(request, upgrade, gateway_host=request.header("host"))
     names = {name.lower() for name, _ in headers}
     assert not names & _NEVER_FORWARDED, names & _NEVER_FORWARDED
-    # The request the gateway would send the backend is valid HTTP/1.1 (as backend.py
-    # builds it: values back to the client's bytes through latin-1).
-    own = [
-        ("Host", "backend.test"),
-        ("Upgrade", "websocket"),
-        ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ("Sec-WebSocket-Version", "13"),
-    ]
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(
-        h11.Request(
-            method="GET",
-            target=request.target,
-            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in [*own, *headers]],
-        )
-    )
+    # The request the gateway would send the backend (backend_request, as backend.py
+    # builds it) is valid HTTP/1.1 to a second, independent parser: h11.
+    raw = backend_request(request.target, "backend.test", "dGhlIHNhbXBsZSBub25jZQ==", headers)
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request), event
+    assert event.target.decode("ascii") == request.target
+    sent = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
+    assert sent[5:] == [(k.lower(), v) for k, v in headers], (sent, headers)
     assert names <= _ADDED | {name for name, _ in request.headers}
 
 
