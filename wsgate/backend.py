@@ -29,6 +29,10 @@ from .netio import SHARED_BUFFER, Endpoint, RawSocket, TLSSocket, detach, set_ke
 
 #: At most this much of a refusing backend's body is relayed to the client.
 MAX_REJECTION_BODY = 64 * 1024
+#: Seconds a backend that refused the upgrade has to close its end after our FIN.
+#: Most have closed by then (``socket.end(...)`` sends the FIN with the answer);
+#: the bound is for one that leaves the socket open.
+REJECTION_LINGER = 1.0
 
 
 @attrs.frozen
@@ -78,10 +82,36 @@ async def open_backend(
             if isinstance(endpoint, TLSSocket):
                 await endpoint.do_handshake()
             accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
+        except _Answered as answered:
+            # A complete answer (or an orderly close): the backend did nothing
+            # wrong, so it gets our FIN, not a reset. A reset makes the peer's next
+            # read fail with ECONNRESET, which kills a Node backend that refused
+            # with socket.end() and has no 'error' listener on the socket.
+            # Shielded and bounded on its own: the caller's deadline running out
+            # now would turn the backend's answer into a 504.
+            with trio.move_on_after(REJECTION_LINGER) as scope:
+                scope.shield = True
+                await endpoint.close(REJECTION_LINGER)
+            raise answered.error from None
         except BaseException:
+            # Invalid HTTP, a bad 101, an answer cut short by its time or size
+            # limit, a timeout or cancellation: the exchange was cut short, and a
+            # reset is the honest end of it.
             endpoint.abort()
             raise
-        return BackendConnection(endpoint, accept, trailing)
+    return BackendConnection(endpoint, accept, trailing)
+
+
+class _Answered(Exception):
+    """The backend ended the exchange in order: a whole non-101 answer, or a FIN.
+
+    Raised inside :func:`open_backend` only, which closes the connection
+    gracefully and raises ``error``.
+    """
+
+    def __init__(self, error: BackendRejected | BackendProtocolError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 async def dial_tcp(host: str, port: int) -> socket.socket:
@@ -157,30 +187,44 @@ async def _upgrade(
             accept = check_backend_101(response_headers, key=key, upgrade=upgrade)
             return accept, conn.trailing_data[0]
         elif isinstance(event, h11.Response):
-            raise await _rejection(conn, endpoint, event, buf)
+            rejection, complete = await _rejection(conn, endpoint, event, buf)
+            raise _Answered(rejection) if complete else rejection
         elif isinstance(event, h11.ConnectionClosed):
-            raise BackendProtocolError("backend closed the connection during the handshake")
+            raise _Answered(
+                BackendProtocolError("backend closed the connection during the handshake")
+            )
         # Other 1xx responses are skipped, as RFC 9110 15.2 allows.
 
 
 async def _rejection(
     conn: h11.Connection, endpoint: Endpoint, response: h11.Response, buf: memoryview
-) -> BackendRejected:
+) -> tuple[BackendRejected, bool]:
+    """The refusal to relay, and whether its body was read to the end.
+
+    The body gets a second and ``MAX_REJECTION_BODY`` bytes; one cut short by
+    either limit, or broken mid-way, is relayed as far as it came.
+    """
     body = bytearray()
+    complete = False
     with trio.move_on_after(1.0):
-        while len(body) < MAX_REJECTION_BODY:
-            event = conn.next_event()
+        while len(body) <= MAX_REJECTION_BODY:  # one event more: is it the end?
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                break
             if event is h11.NEED_DATA:
                 n = await endpoint.recv_into(buf)
                 conn.receive_data(bytes(buf[:n]))
             elif isinstance(event, h11.Data):
                 body += event.data
             else:
+                complete = isinstance(event, h11.EndOfMessage | h11.ConnectionClosed)
                 break
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers]
-    return BackendRejected(
+    rejection = BackendRejected(
         response.status_code,
         f"backend refused the handshake with {response.status_code}",
         body=bytes(body[:MAX_REJECTION_BODY]),
         headers=headers,
     )
+    return rejection, complete

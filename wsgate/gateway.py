@@ -34,9 +34,10 @@ import structlog
 import trio
 
 from .backend import open_backend
-from .closing import End
+from .closing import End, close_plan
 from .config import ApiConfig, Config, Listen
 from .errors import BackendRejected, BackendTimeout, HandshakeRejected, out_of_fds
+from .frames import build_close_frame
 from .handshake import (
     MAX_REQUEST_HEAD,
     ClientRequest,
@@ -643,6 +644,9 @@ class Gateway:
         record.backend_response_code = 101
         try:
             await client.send_all(switching_protocols(upgrade.key, backend.accept))
+        except PEER_GONE:
+            await _goodbye_to_backend(backend.endpoint, self.config.gateway.close_timeout)
+            raise
         except BaseException:
             backend.endpoint.abort()
             raise
@@ -669,6 +673,23 @@ class Gateway:
             reactor=self._reactor,
         )
         return pair, backend.trailing
+
+
+async def _goodbye_to_backend(backend: Endpoint, close_timeout: float) -> None:
+    """Close an upgraded backend whose client left before its 101, as a pair would.
+
+    The backend did nothing wrong: it hears what a pair whose client vanished
+    tells it (:func:`~wsgate.closing.close_plan`) and gets our FIN, not a reset.
+    """
+    plan = close_plan(End.CLIENT_VANISHED)
+    try:
+        with trio.move_on_after(close_timeout):
+            await backend.send_all(build_close_frame(plan.to_backend, plan.reason, mask=True))
+            await backend.close(close_timeout)
+    except PEER_GONE:
+        pass
+    finally:
+        backend.abort()  # nothing left to do once closed; a reset if cut short
 
 
 def _run_cleanups(
