@@ -51,9 +51,9 @@ pytestmark = pytest.mark.usefixtures("relay_engine")
 class NodeProcess:
     """A Node script that prints ``{"port": N}`` once listening, run for a whole module."""
 
-    def __init__(self, script: str) -> None:
+    def __init__(self, script: str, stderr: IO[bytes]) -> None:
         self.script = script
-        self.stderr: IO[bytes] = tempfile.TemporaryFile()
+        self.stderr = stderr
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.start()
@@ -102,18 +102,18 @@ class NodeProcess:
 
 @pytest.fixture(scope="module")
 def node_backend_process() -> Iterator[NodeProcess]:
-    node = NodeProcess("backend.js")
-    yield node
-    node.stop()
-    node.stderr.close()
+    with tempfile.TemporaryFile() as stderr:
+        node = NodeProcess("backend.js", stderr)
+        yield node
+        node.stop()
 
 
 @pytest.fixture(scope="module")
 def node_client_process() -> Iterator[NodeProcess]:
-    node = NodeProcess("client.js")
-    yield node
-    node.stop()
-    node.stderr.close()
+    with tempfile.TemporaryFile() as stderr:
+        node = NodeProcess("client.js", stderr)
+        yield node
+        node.stop()
 
 
 @pytest.fixture
