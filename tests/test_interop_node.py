@@ -15,11 +15,13 @@ non-101 answer, a reset after an answer that is not HTTP.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import selectors
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -29,6 +31,7 @@ from typing import IO, Any
 
 import pytest
 import trio
+import trustme
 
 import wsgate
 
@@ -329,6 +332,51 @@ async def test_a_backend_sees_fin_not_rst_after_its_403(
     assert seen == ["fin"]
 
 
+async def test_a_wss_backend_gets_close_notify_not_rst_after_its_403(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    seen: list[str] = []
+
+    async def refuse(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        await stream.send_all(refusal(403, b"no entry", close=False))
+        try:
+            with trio.fail_after(5):
+                data = await stream.receive_some(65536)
+            seen.append("close_notify" if data == b"" else f"data {data!r}")
+        except trio.BrokenResourceError as exc:  # a reset, or a TCP end without close_notify
+            seen.append(f"broken ({exc.__cause__!r})")
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_ssl_over_tcp, refuse, 0, context, host="127.0.0.1")
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    config = make_config(
+        [
+            {
+                "name": "echo",
+                "path": "echo",
+                "service_url": f"wss://127.0.0.1:{port}",
+                "backend_ca_file": str(ca_file),
+            }
+        ]
+    )
+    gw = await nursery.start(wsgate.Gateway(config).run)
+    client = await RawClient.connect(gw.addresses[0][1])
+    assert client.response is not None
+    assert (client.response.status, client.response.body) == (403, b"no entry")
+    await client.aclose()
+    await wait_until(lambda: bool(seen))
+    assert seen == ["close_notify"]
+
+
 async def test_a_backend_whose_answer_is_not_http_is_reset(nursery: trio.Nursery) -> None:
     seen: list[str] = []
 
@@ -387,3 +435,43 @@ async def test_a_backend_accepted_for_a_client_that_reset_meanwhile_gets_1001_an
     await wait_until(lambda: bool(seen))
     assert seen[-1] == "fin", seen
     assert seen[:-1] == [("CLOSE", (1001, "client connection lost without a close frame"))]
+
+
+# -- raw sockets: what a client sees of the gateway's own refusals -------------------
+
+
+async def test_a_refusal_reaches_a_client_that_sent_more_and_reads_late(
+    nursery: trio.Nursery, node_backend: NodeProcess
+) -> None:
+    # The request is followed by 256 KiB of frames the client sends before reading
+    # anything. The gateway reads (and drops) them while it waits for the client's
+    # end: closing with them unread would reset the connection and could destroy
+    # the 404 before the client reads it.
+    gw = await start(nursery, node_backend, close_timeout=0.2)
+    frame = b"\x82\xfe\x40\x00\x00\x00\x00\x00" + bytes(0x4000)  # masked, 16 KiB
+    with socket.socket() as sock:
+        sock.connect(gw.addresses[0])
+        sock.sendall(
+            b"GET /no-such-api HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" + frame * 16
+        )
+        await trio.sleep(1)  # the gateway has given up waiting for our end by now
+        sock.setblocking(False)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):  # a reset would raise here
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 404 ")
+    assert data.endswith(b'{"statusCode": 404, "message": "no API at this path"}')
+
+
+async def test_a_client_that_leaves_without_a_request_gets_a_fin(
+    nursery: trio.Nursery, node_backend: NodeProcess
+) -> None:
+    gw = await start(nursery, node_backend)
+    client = await trio.open_tcp_stream(*gw.addresses[0])
+    async with client:
+        await client.send_eof()  # half-closed: nothing more to say, still reading
+        with trio.fail_after(5):
+            assert await client.receive_some(65536) == b""  # not a reset

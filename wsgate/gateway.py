@@ -401,6 +401,11 @@ class Gateway:
                     sock.recv(MAX_REQUEST_HEAD)
                 sock.send(error_response(rejection))
                 sock.shutdown(socket.SHUT_WR)
+                # What else is queued goes too (without waiting: the accept loop
+                # waits for us): closing with it unread would also send a reset.
+                for _ in range(16):  # a few reads: a client that keeps sending gets no more
+                    if not sock.recv(MAX_REQUEST_HEAD):
+                        break
             except OSError:
                 pass
 
@@ -453,7 +458,13 @@ class Gateway:
                         client = await self._open_tls_client(sock)
                     read = await _read_request(client, parser)
             if read is None:
-                return None  # connected and left without a request: nothing to log
+                # Connected and left without a request: nothing to log. Its end
+                # was read, so it gets a FIN; a reset would only hurt a client
+                # that half-closed and still reads.
+                if client is not None:
+                    with trio.move_on_after(self.config.gateway.close_timeout):
+                        await client.close(0)
+                return None
             assert client is not None  # a request was read from it
             request, trailing = read
             record.method = request.method
