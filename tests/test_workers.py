@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
+
+from wsgate.cli import configure_logging
 
 from .helpers import RawClient
 
@@ -34,7 +37,10 @@ class Lines:
             self._buffer += chunk
             *lines, self._buffer = self._buffer.split(b"\n")
             for line in lines:
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise AssertionError(repr(line)) from None
                 self.seen.append(record)
                 if predicate(record):
                     return record
@@ -246,3 +252,29 @@ async def test_workers_that_cannot_start_stop_the_supervisor_with_their_error(
         await process.wait()
         await process.stdout.aclose()  # type: ignore[union-attr]
         await stderr.aclose()
+
+
+def test_each_log_record_is_one_write_so_workers_sharing_stdout_never_interleave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Unbuffered (PYTHONUNBUFFERED=1 is common in containers), every write is a
+    # system call: a record written in two could have another process's between.
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    configure_logging()
+    structlog.get_logger("wsgate").info("first", worker=0)
+    structlog.get_logger("wsgate").warning("second", worker=1)
+    assert len(recorder.writes) == 2
+    assert all(write.endswith("\n") and write.count("\n") == 1 for write in recorder.writes)
+    assert [json.loads(write)["event"] for write in recorder.writes] == ["first", "second"]

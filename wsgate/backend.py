@@ -99,7 +99,7 @@ async def open_backend(
             # reset is the honest end of it.
             endpoint.abort()
             raise
-    return BackendConnection(endpoint, accept, trailing)
+        return BackendConnection(endpoint, accept, trailing)
 
 
 class _Answered(Exception):

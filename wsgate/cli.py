@@ -49,7 +49,10 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
             structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # One write per record, newline included: print() writes the newline
+        # apart, and with PYTHONUNBUFFERED the records of workers sharing
+        # stdout could interleave between the two.
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
 
