@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench bench-quick bench-icount clean browser
+.PHONY: install run test lint format bench bench-quick bench-icount clean browser node
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
@@ -28,8 +28,21 @@ browser:
 		echo "make: tests/test_console_web.py needs chromium and chromium-driver: run make test as root, or apt-get install -y chromium chromium-driver" >&2; \
 	fi
 
+## Node and its ws package, for tests/test_interop_node.py: Node from Debian (apt-get as
+## root) if missing, ws from the npm registry as pinned by tests/node/package-lock.json.
+node:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm; \
+	else \
+		echo "make: tests/test_interop_node.py needs node and npm: run make test as root, or apt-get install -y nodejs npm" >&2; \
+	fi
+	@if [ ! -d tests/node/node_modules/ws ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then \
+		cd tests/node && npm ci --no-audit --no-fund; \
+	fi
+
 ## Run the whole test suite.
-test: $(STAMP) browser
+test: $(STAMP) browser node
 	$(BIN)/python -m pytest -q
 
 ## ruff (lint + format check) and mypy --strict.

@@ -15,7 +15,7 @@ import trio
 from wsproto.utilities import generate_nonce
 
 from .addresses import BackendURL
-from .errors import BackendRejected, map_backend_errors
+from .errors import BackendProtocolError, BackendRejected, map_backend_errors
 from .handshake import (
     BackendAccept,
     Headers,
@@ -29,6 +29,10 @@ from .netio import SHARED_BUFFER, Endpoint, RawSocket, TLSSocket, detach, set_ke
 
 #: At most this much of a refusing backend's body is relayed to the client.
 MAX_REJECTION_BODY = 64 * 1024
+#: Seconds a backend that refused the upgrade has to close its end after our FIN.
+#: Most have closed by then (``socket.end(...)`` sends the FIN with the answer);
+#: the bound is for one that leaves the socket open.
+REJECTION_LINGER = 1.0
 
 
 @attrs.frozen
@@ -81,10 +85,36 @@ async def open_backend(
             if isinstance(endpoint, TLSSocket):
                 await endpoint.do_handshake()
             accept, trailing = await _upgrade(endpoint, request, key, upgrade)
+        except _Answered as answered:
+            # A complete answer (or an orderly close): the backend did nothing
+            # wrong, so it gets our FIN, not a reset. A reset makes the peer's next
+            # read fail with ECONNRESET, which kills a Node backend that refused
+            # with socket.end() and has no 'error' listener on the socket.
+            # Shielded and bounded on its own: the caller's deadline running out
+            # now would turn the backend's answer into a 504.
+            with trio.move_on_after(REJECTION_LINGER) as scope:
+                scope.shield = True
+                await endpoint.close(REJECTION_LINGER)
+            raise answered.error from None
         except BaseException:
+            # Invalid HTTP, a bad 101, an answer cut short by its time or size
+            # limit, a timeout or cancellation: the exchange was cut short, and a
+            # reset is the honest end of it.
             endpoint.abort()
             raise
-        return BackendConnection(endpoint, accept, trailing)
+    return BackendConnection(endpoint, accept, trailing)
+
+
+class _Answered(Exception):
+    """The backend ended the exchange in order: a whole non-101 answer, or a FIN.
+
+    Raised inside :func:`open_backend` only, which closes the connection
+    gracefully and raises ``error``.
+    """
+
+    def __init__(self, error: BackendRejected | BackendProtocolError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 async def dial_tcp(host: str, port: int) -> socket.socket:
@@ -137,25 +167,39 @@ async def _upgrade(
     head = None
     while head is None:
         n = await endpoint.recv_into(buf)
-        head = parser.feed(bytes(buf[:n]))
+        try:
+            head = parser.feed(bytes(buf[:n]))
+        except BackendProtocolError as exc:
+            if n == 0:  # closed before a whole answer: in order, though a 502
+                raise _Answered(exc) from None
+            raise
     if head.status == 101:
         return check_backend_101(head.headers, key=key, upgrade=upgrade), head.trailing
-    raise await _rejection(parser, head, endpoint, buf)
+    rejection, complete = await _rejection(parser, head, endpoint, buf)
+    raise _Answered(rejection) if complete else rejection
 
 
 async def _rejection(
     parser: ResponseParser, head: ResponseHead, endpoint: Endpoint, buf: memoryview
-) -> BackendRejected:
-    """The backend's refusal, with as much of its body as arrives within a second."""
+) -> tuple[BackendRejected, bool]:
+    """The refusal to relay, and whether its body was read to the end.
+
+    The body gets a second and ``MAX_REJECTION_BODY`` bytes; one cut short by
+    either limit, or broken mid-way, is relayed as far as it came.
+    """
     with trio.move_on_after(1.0):
-        while not head.complete and len(head.body) < MAX_REJECTION_BODY:
+        while not head.complete and len(head.body) <= MAX_REJECTION_BODY:
             n = await endpoint.recv_into(buf)
-            head = parser.feed(bytes(buf[:n])) or head
+            try:
+                head = parser.feed(bytes(buf[:n])) or head
+            except BackendProtocolError:
+                break
             if n == 0:
                 break
-    return BackendRejected(
+    rejection = BackendRejected(
         head.status,
         f"backend refused the handshake with {head.status}",
         body=head.body[:MAX_REJECTION_BODY],
         headers=head.headers,
     )
+    return rejection, head.complete and len(head.body) <= MAX_REJECTION_BODY

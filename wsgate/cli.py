@@ -23,11 +23,11 @@ from . import __version__, console
 from .admin import reload_on_sighup, serve_admin
 from .config import Config, Listen, load_config
 from .echo import serve_echo
-from .errors import ConfigError
+from .errors import ConfigError, WorkerBootFailure
 from .gateway import Gateway, raise_fd_limit
 from .logs import utc_now
 from .metrics import GatewayMetrics
-from .workers import supervise, worker_share
+from .workers import report_ready, supervise, worker_share
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.toml"  # package data: works from a wheel
 
@@ -49,7 +49,10 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
             structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # One write per record, newline included: print() writes the newline
+        # apart, and with PYTHONUNBUFFERED the records of workers sharing
+        # stdout could interleave between the two.
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
 
@@ -125,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="run N gateway processes sharing the port (SO_REUSEPORT); 'auto' = one per "
-        "core. max_connections is divided among them; a worker that dies is restarted.",
+        "core. max_connections is divided among them; a worker that dies after serving is "
+        "restarted, one that fails to start stops them all (exit status 1).",
     )
-    serve.add_argument("--worker", help=argparse.SUPPRESS)  # "i/n": set by the supervisor
+    # Set by the supervisor: "i/n", and the pipe to report "serving" on.
+    serve.add_argument("--worker", help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     check = sub.add_parser(
         "check",
@@ -216,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         share = worker_share(config, index, total)
         config = attrs.evolve(config, gateway=attrs.evolve(config.gateway, max_connections=share))
         reuse_port = True
-    return _run(_serve, config, demo, reuse_port)
+    return _run(_serve, config, demo, reuse_port, getattr(args, "ready_fd", None))
 
 
 class StartupError(Exception):
@@ -224,7 +230,9 @@ class StartupError(Exception):
 
 
 def _run(fn: Any, *args: Any) -> int:
-    """``trio.run(fn, *args)``; 0 once it returns, 1 (message on stderr) on a StartupError.
+    """``trio.run(fn, *args)``: 0 once it returns, 1 (message on stderr) on a startup error.
+
+    A startup error is a StartupError, or a WorkerBootFailure from the supervisor.
 
     Startup errors raised inside nurseries arrive wrapped in exception groups;
     anything else is a bug and propagates with its traceback.
@@ -232,7 +240,7 @@ def _run(fn: Any, *args: Any) -> int:
     failures: list[BaseException] = []
     try:
         trio.run(fn, *args)
-    except* StartupError as group:
+    except* (StartupError, WorkerBootFailure) as group:
         failures.extend(group.exceptions)
     for failure in failures:
         print(f"wsgate: {failure}", file=sys.stderr)
@@ -289,7 +297,9 @@ async def _run_echo(listen: Listen) -> None:
                 return
 
 
-async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
+async def _serve(
+    config: Config, demo: bool, reuse_port: bool = False, ready_fd: int | None = None
+) -> None:
     log = structlog.get_logger("wsgate")
     # Before anything else, so a signal during startup is not fatal but queued.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -333,6 +343,8 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
             gateway: Gateway = await _start(
                 nursery, f"the gateway on {config.gateway.listen}", server.run
             )
+            if ready_fd is not None:
+                report_ready(ready_fd)
             if demo:
                 urls = "".join(
                     f"\n  python -m websockets {gateway.url}/{api.path}" for api in config.apis

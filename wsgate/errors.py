@@ -4,6 +4,7 @@ Tree::
 
     WsgateError
     ├── ConfigError            a config file or object is invalid (every problem listed)
+    ├── WorkerBootFailure      a ``--workers`` worker exited before serving (exit 1)
     ├── HandshakeRejected      the client's upgrade request is answered with an HTTP error
     │   └── BackendError       the backend could not be used for this handshake
     │                          (running out of file descriptors on the way is a 503)
@@ -39,6 +40,10 @@ class ConfigError(WsgateError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class WorkerBootFailure(WsgateError):
+    """A worker of ``wsgate serve --workers N`` exited before it was serving."""
 
 
 class HandshakeRejected(WsgateError):

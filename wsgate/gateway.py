@@ -34,9 +34,10 @@ import structlog
 import trio
 
 from .backend import open_backend
-from .closing import End
+from .closing import End, close_plan
 from .config import ApiConfig, Config, Listen
 from .errors import BackendRejected, BackendTimeout, HandshakeRejected, out_of_fds
+from .frames import build_close_frame
 from .handshake import (
     MAX_REQUEST_HEAD,
     ClientRequest,
@@ -401,6 +402,11 @@ class Gateway:
                     sock.recv(MAX_REQUEST_HEAD)
                 sock.send(error_response(rejection))
                 sock.shutdown(socket.SHUT_WR)
+                # What else is queued goes too (without waiting: the accept loop
+                # waits for us): closing with it unread would also send a reset.
+                for _ in range(16):  # a few reads: a client that keeps sending gets no more
+                    if not sock.recv(MAX_REQUEST_HEAD):
+                        break
             except OSError:
                 pass
 
@@ -453,7 +459,13 @@ class Gateway:
                         client = await self._open_tls_client(sock)
                     read = await _read_request(client, parser)
             if read is None:
-                return None  # connected and left without a request: nothing to log
+                # Connected and left without a request: nothing to log. Its end
+                # was read, so it gets a FIN; a reset would only hurt a client
+                # that half-closed and still reads.
+                if client is not None:
+                    with trio.move_on_after(self.config.gateway.close_timeout):
+                        await client.close(0)
+                return None
             assert client is not None  # a request was read from it
             request, trailing = read
             record.method = request.method
@@ -644,6 +656,9 @@ class Gateway:
         record.backend_response_code = 101
         try:
             await client.send_all(switching_protocols(upgrade.key, backend.accept))
+        except PEER_GONE:
+            await _goodbye_to_backend(backend.endpoint, self.config.gateway.close_timeout)
+            raise
         except BaseException:
             backend.endpoint.abort()
             raise
@@ -670,6 +685,23 @@ class Gateway:
             reactor=self._reactor,
         )
         return pair, backend.trailing
+
+
+async def _goodbye_to_backend(backend: Endpoint, close_timeout: float) -> None:
+    """Close an upgraded backend whose client left before its 101, as a pair would.
+
+    The backend did nothing wrong: it hears what a pair whose client vanished
+    tells it (:func:`~wsgate.closing.close_plan`) and gets our FIN, not a reset.
+    """
+    plan = close_plan(End.CLIENT_VANISHED)
+    try:
+        with trio.move_on_after(close_timeout):
+            await backend.send_all(build_close_frame(plan.to_backend, plan.reason, mask=True))
+            await backend.close(close_timeout)
+    except PEER_GONE:
+        pass
+    finally:
+        backend.abort()  # nothing left to do once closed; a reset if cut short
 
 
 def _run_cleanups(

@@ -1,27 +1,43 @@
 """``wsgate serve --workers N``: N gateway processes sharing one port.
 
 The supervisor resolves the listen address once (so port 0 means one port for
-all), starts N worker processes that each bind it with SO_REUSEPORT (the
-kernel spreads connections among them), restarts a worker that dies, and on
-SIGTERM/SIGINT forwards the signal so every worker drains, then exits 0.
-Workers log to the same stdout; each record carries ``worker``.
+all) and starts N worker processes that each bind it with SO_REUSEPORT (the
+kernel spreads connections among them). A worker says it is serving by writing
+to a pipe the supervisor hands it (``--ready-fd``) once its listener is bound;
+the supervisor logs ``workers_started`` when all of them have.
+
+* A worker that exits before it is serving (an import error, a certificate that
+  does not load, a port it may not bind) would fail the same way again: the
+  supervisor stops the others, prints the worker's error and exits 1, as
+  gunicorn does for a worker that fails to boot.
+* A worker that dies after serving is restarted, with a backoff while it keeps dying.
+* SIGTERM/SIGINT is forwarded so every worker drains; then the supervisor exits 0.
+
+Workers log to the same stdout; each record carries ``worker``. Their stderr
+passes through the supervisor, which keeps its last lines to quote.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import site
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
 import trio
 
 from .config import Config, Listen
+from .errors import WorkerBootFailure
 
 #: Seconds before restarting a worker that died, doubled (up to a minute) while it keeps dying.
 RESTART_BACKOFF = 0.5
+#: Bytes of a worker's stderr kept to quote when it fails to start.
+_STDERR_TAIL = 4096
 
 
 def worker_share(config: Config, index: int, total: int) -> int:
@@ -47,25 +63,74 @@ def reserve_port(listen: Listen) -> tuple[socket.socket, Listen]:
     return sock, Listen(host=host, port=port)
 
 
+def worker_command() -> list[str]:
+    """How a worker is started: this interpreter, without the current directory on sys.path.
+
+    ``python -m wsgate`` would put the current directory first on sys.path, so a
+    folder named ``wsgate`` there (the parent of a clone, say) would shadow the
+    package and every worker would die importing it. ``-P`` (Python 3.11+)
+    leaves the current directory out.
+    """
+    return [sys.executable, "-P", "-m", "wsgate"]
+
+
+def worker_environment() -> dict[str, str] | None:
+    """The workers' environment (None: the supervisor's own), so they import this wsgate.
+
+    An installed package is found without help. One the supervisor found
+    elsewhere (a source tree it was started from, which ``-P`` no longer puts
+    on sys.path) is named in PYTHONPATH, so the workers run the same code.
+    """
+    root = Path(__file__).resolve().parent.parent
+    installed = [*site.getsitepackages(), site.getusersitepackages()]
+    if any(root == Path(path).resolve() for path in installed):
+        return None
+    inherited = os.environ.get("PYTHONPATH", "")
+    paths = [str(root), *(path for path in inherited.split(os.pathsep) if path)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def report_ready(fd: int) -> None:
+    """In a worker: tell the supervisor, through the pipe ``fd``, that the gateway serves."""
+    try:
+        os.write(fd, b"ready\n")
+    except OSError:
+        pass  # the supervisor is gone; its signal (or none) decides what happens next
+    finally:
+        os.close(fd)
+
+
 async def supervise(
     config_path: Path, listen: Listen, total: int, log_args: Sequence[str] = ()
 ) -> None:
-    """Run ``total`` workers until SIGTERM/SIGINT, restarting any that die.
+    """Run ``total`` workers until SIGTERM/SIGINT, restarting any that die after serving.
 
     ``log_args`` (``--pretty``, ``--log-level LEVEL``) are passed on to each worker.
+    Raises :class:`~wsgate.errors.WorkerBootFailure` (once every worker has
+    stopped) when a worker exits before it is serving.
     """
     log = structlog.get_logger("wsgate.workers")
     placeholder, listen = reserve_port(listen)
     processes: dict[int, trio.Process] = {}
+    serving: set[int] = set()
+    all_serving = trio.Event()
+    failures: list[WorkerBootFailure] = []
     stopping = False
+    environment = worker_environment()
+
+    def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
 
     async def worker(index: int) -> None:
         backoff = RESTART_BACKOFF
-        while True:
+        while not stopping:
+            ready_read, ready_write = os.pipe()
             command = [
-                sys.executable,
-                "-m",
-                "wsgate",
+                *worker_command(),
                 "serve",
                 "--config",
                 str(config_path),
@@ -73,43 +138,111 @@ async def supervise(
                 str(listen),
                 "--worker",
                 f"{index}/{total}",
+                "--ready-fd",
+                str(ready_write),
                 *log_args,
             ]
-            # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
-            # forwards one SIGTERM (a second signal to a worker cuts its drain short).
-            process = await trio.lowlevel.open_process(command, start_new_session=True)
+            try:
+                # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
+                # forwards one SIGTERM (a second signal to a worker cuts its drain short).
+                process = await trio.lowlevel.open_process(
+                    command,
+                    start_new_session=True,
+                    pass_fds=(ready_write,),
+                    stderr=subprocess.PIPE,
+                    env=environment,
+                )
+            except BaseException:
+                os.close(ready_read)
+                raise
+            finally:
+                os.close(ready_write)  # the worker's copy is the only one: EOF when it exits
             processes[index] = process
             log.info("worker_started", worker=index, pid=process.pid)
             started = trio.current_time()
-            code = await process.wait()
+            stderr = bytearray()
+            async with trio.open_nursery() as nursery:
+                assert process.stderr is not None
+                nursery.start_soon(_pass_on, process.stderr, stderr)
+                served = await _wait_ready(ready_read)
+                if served:
+                    log.info("worker_ready", worker=index, pid=process.pid)
+                    serving.add(index)
+                    if len(serving) == total:
+                        all_serving.set()
+                code = await process.wait()
             if stopping:
+                return
+            if not served:
+                error = _last_line(bytes(stderr)) or "no message"
+                log.error(
+                    "worker_boot_failed", worker=index, pid=process.pid, exit_code=code, error=error
+                )
+                failures.append(
+                    WorkerBootFailure(
+                        f"worker {index} failed to start ({_describe_exit(code)}): {error}"
+                    )
+                )
+                stop()
                 return
             log.warning("worker_exited", worker=index, pid=process.pid, exit_code=code)
             backoff = RESTART_BACKOFF if trio.current_time() - started > 10 else backoff * 2
             await trio.sleep(min(backoff, 60))
-            log.info("worker_restarting", worker=index)
+            if not stopping:
+                log.info("worker_restarting", worker=index)
 
-    def forward() -> None:
-        for process in processes.values():
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
+    async def announce() -> None:
+        await all_serving.wait()
+        log.info("workers_started", workers=total, address=str(listen))
+
+    async def on_signals() -> None:
+        async for signum in signals:
+            if not stopping:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+            # Workers drain; a second signal is forwarded and cuts that short.
+            stop()
 
     with placeholder, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_signals)
+            nursery.start_soon(announce)
             async with trio.open_nursery() as workers:
                 for index in range(total):
                     workers.start_soon(worker, index)
-                log.info("workers_started", workers=total, address=str(listen))
-                async for signum in signals:
-                    log.info("signal_received", signal=signal.Signals(signum).name)
-                    stopping = True
-                    forward()
-                    break
-                # Workers drain; a second signal is forwarded and cuts that short.
-                nursery.start_soon(_forward_more, signals, forward)
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # every worker has stopped
+    if failures:
+        raise failures[0]
 
 
-async def _forward_more(signals: AsyncIterator[int], forward: Callable[[], None]) -> None:
-    async for _ in signals:
-        forward()
+async def _wait_ready(fd: int) -> bool:
+    """Whether the worker holding the other end of pipe ``fd`` said it serves (False: it exited)."""
+    async with trio.lowlevel.FdStream(fd) as pipe:
+        return bool(await pipe.receive_some(64))
+
+
+async def _pass_on(stream: trio.abc.ReceiveStream, tail: bytearray) -> None:
+    """Copy a worker's stderr to ours as it comes, keeping its end in ``tail``."""
+    out = getattr(sys.stderr, "buffer", None)
+    async with stream:
+        while chunk := await stream.receive_some(65536):
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            tail += chunk
+            del tail[:-_STDERR_TAIL]
+
+
+def _last_line(output: bytes) -> str:
+    """The last non-empty line a worker wrote (its error), without our own ``wsgate:`` prefix."""
+    lines = [line.strip() for line in output.decode(errors="replace").splitlines()]
+    last = next((line for line in reversed(lines) if line), "")
+    return last.removeprefix("wsgate: ")
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
