@@ -140,19 +140,18 @@ def client_address(
         hops = _forwarded(headers)
     else:
         hops = [(entry, None) for entry in _tokens(headers, "x-forwarded-for")]
-    client, proto, index = peer, None, len(hops)
-    for index in range(len(hops) - 1, -1, -1):  # noqa: B007 (index is read after the loop)
-        entry, proto = hops[index]
-        ip = parse_address(entry) if entry is not None else None
+    client, chosen = peer, len(hops)  # chosen: the entry naming the client (len: the peer)
+    for index in range(len(hops) - 1, -1, -1):
+        ip = parse_address(hops[index][0] or "")
         if ip is None:
-            index += 1  # the hop that wrote it is the client
-            proto = hops[index][1] if index < len(hops) else None
-            break
-        client = str(ip)
+            break  # the hop that wrote it (or the peer) stays the client
+        client, chosen = str(ip), index
         if not trusted.trusts(ip):
             break
-    if header != "forwarded":
-        proto = _aligned(_tokens(headers, "x-forwarded-proto"), index, len(hops))
+    if header == "forwarded":
+        proto = hops[chosen][1] if chosen < len(hops) else None
+    else:
+        proto = _aligned(_tokens(headers, "x-forwarded-proto"), chosen, len(hops))
     return ClientAddress(client, _SECURE.get((proto or "").lower()))
 
 
@@ -188,18 +187,20 @@ def _forwarded(headers: Sequence[tuple[str, str]]) -> list[tuple[str | None, str
             if not sep or not key:
                 broken = True
                 continue
-            value = _unquote(value.strip())
-            if value is None:
+            unquoted = _unquote(value.strip())
+            if unquoted is None:
                 broken = True
                 continue
-            pairs.setdefault(key.strip().lower(), value)
+            pairs.setdefault(key.strip().lower(), unquoted)
         hops.append((None if broken else pairs.get("for"), pairs.get("proto")))
     return hops
 
 
 def _split(text: str, separator: str) -> list[str]:
     """``text`` split on ``separator`` outside quoted strings."""
-    parts, current, quoted, escaped = [], [], False, False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
     for char in text:
         if escaped:
             escaped = False
