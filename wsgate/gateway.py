@@ -538,6 +538,7 @@ class Gateway:
         try:
             if not self.config.gateway.trusted.trusts(peer):
                 raise ProxyHeaderError("untrusted", "the peer is not in trusted_proxies")
+            sock.setblocking(False)  # accepted sockets start blocking
             parser = ProxyHeaderParser()
             buf = SHARED_BUFFER[:8192]
             got = 0
