@@ -15,6 +15,7 @@ import trio
 import trustme
 from structlog.testing import capture_logs
 
+import wsgate
 from wsgate.metrics import GatewayMetrics
 
 from .helpers import (
@@ -27,8 +28,6 @@ from .helpers import (
 )
 from .test_handshake_e2e import write_cert
 from .test_proxyproto import tcp4, tcp6, v2
-
-import wsgate
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
