@@ -7,9 +7,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from wsgate.cli import main
 from wsgate.config import GatewayConfig, KeyedValueError, parse_config
 from wsgate.errors import ConfigError
+
+from .test_cli import run_wsgate
 
 
 def test_defaults_trust_nobody() -> None:
@@ -33,9 +34,13 @@ def test_proxy_protocol_without_trusted_proxies_says_why() -> None:
         GatewayConfig(proxy_protocol=True)
 
 
-def test_check_reports_every_problem_with_its_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def check(path: Path) -> tuple[int, str]:
+    # A process, as a user runs it: `wsgate check` configures logging for itself.
+    done = await run_wsgate("check", str(path))
+    return done.returncode, done.stderr.decode()
+
+
+async def test_check_reports_every_problem_with_its_key(tmp_path: Path) -> None:
     path = tmp_path / "gw.toml"
     path.write_text(
         "[gateway]\n"
@@ -43,14 +48,14 @@ def test_check_reports_every_problem_with_its_key(
         'forwarded_header = "X-Real-IP"\n'
         'proxy_protocol = "yes"\n'
     )
-    assert main(["check", str(path)]) == 1
-    err = capsys.readouterr().err
+    status, err = await check(path)
+    assert status == 1
     assert "gateway.trusted_proxies: expected an array of strings" in err
     assert "gateway.forwarded_header: must be one of 'x-forwarded-for', 'forwarded'" in err
     assert "gateway.proxy_protocol: expected a boolean" in err
     path.write_text('[gateway]\ntrusted_proxies = ["10.0.0.1/8", "balancer.internal"]\n')
-    assert main(["check", str(path)]) == 1
-    err = capsys.readouterr().err
+    status, err = await check(path)
+    assert status == 1
     assert (
         "gateway.trusted_proxies[0]: '10.0.0.1/8' has host bits set (did you mean '10.0.0.0/8'?)"
         in err
@@ -58,16 +63,14 @@ def test_check_reports_every_problem_with_its_key(
     assert "gateway.trusted_proxies[1]: invalid IP address or CIDR range 'balancer.internal'" in err
 
 
-def test_check_refuses_proxy_protocol_alone(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_check_refuses_proxy_protocol_alone(tmp_path: Path) -> None:
     path = tmp_path / "pp.toml"
     path.write_text("[gateway]\nproxy_protocol = true\n")
-    assert main(["check", str(path)]) == 1
-    err = capsys.readouterr().err
+    status, err = await check(path)
+    assert status == 1
     assert f"{path}: gateway.proxy_protocol: needs trusted_proxies" in err
     path.write_text('[gateway]\nproxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8"]\n')
-    assert main(["check", str(path)]) == 0
+    assert (await check(path))[0] == 0
 
 
 def test_load_errors_are_config_errors() -> None:
