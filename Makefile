@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench bench-quick bench-icount clean browser node
+.PHONY: install run test lint format bench bench-quick bench-icount clean browser node haproxy
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
@@ -41,8 +41,17 @@ node:
 		cd tests/node && npm ci --no-audit --no-fund; \
 	fi
 
+## HAProxy, for tests/test_haproxy_e2e.py (Debian, apt-get as root).
+haproxy:
+	@if [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy; \
+	else \
+		echo "make: tests/test_haproxy_e2e.py needs haproxy: run make test as root, or apt-get install -y haproxy" >&2; \
+	fi
+
 ## Run the whole test suite.
-test: $(STAMP) browser node
+test: $(STAMP) browser node haproxy
 	$(BIN)/python -m pytest -q
 
 ## ruff (lint + format check) and mypy --strict.

@@ -44,6 +44,7 @@ import structlog
 
 from wsgate.addresses import BackendURL, Listen, TLSConfig
 from wsgate.admin.settings import AdminConfig
+from wsgate.clientaddr import FORWARDED_HEADERS, TrustedProxies, parse_network
 from wsgate.errors import ConfigError
 from wsgate.policies.registry import POLICIES  # importing it registers the built-in policies
 from wsgate.policy import (
@@ -238,6 +239,17 @@ def _policy_tuple(items: Iterable[PolicyEntry]) -> tuple[PolicyEntry, ...]:
 # --- configuration classes --------------------------------------------------------------
 
 
+def _trusted_networks(_inst: object, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    problems = []
+    for index, text in enumerate(value):
+        try:
+            parse_network(text)
+        except ValueError as exc:
+            problems.append((f"{attr.name}[{index}]", str(exc)))
+    if problems:
+        raise KeyedValueError(problems)
+
+
 @attrs.frozen(kw_only=True)
 class GatewayConfig:
     """Settings of the gateway process itself (the ``[gateway]`` table)."""
@@ -272,6 +284,31 @@ class GatewayConfig:
     policies: tuple[PolicyEntry, ...] = attrs.field(
         default=(), converter=_policy_tuple, validator=policy_list("global")
     )
+    #: The balancers in front (addresses, CIDR ranges): only their PROXY headers and
+    #: forwarding headers name the client (wsgate.clientaddr). Empty: trust nobody.
+    trusted_proxies: tuple[str, ...] = attrs.field(
+        default=(), converter=_str_tuple, validator=[strings, _trusted_networks]
+    )
+    #: Every connection starts with a PROXY protocol header (v1 or v2) from a trusted proxy.
+    proxy_protocol: bool = attrs.field(default=False, validator=boolean)
+    #: The forwarding header the trusted proxies append, the only one read.
+    forwarded_header: str = attrs.field(
+        default="x-forwarded-for", validator=one_of(*FORWARDED_HEADERS)
+    )
+    trusted: TrustedProxies = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "trusted", TrustedProxies.parse(self.trusted_proxies))
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise KeyedValueError(
+                [
+                    (
+                        "proxy_protocol",
+                        "needs trusted_proxies: the PROXY header names the client, so only"
+                        " the balancers' addresses may send it (list them in trusted_proxies)",
+                    )
+                ]
+            )
 
     @property
     def keepalive(self) -> tuple[int, int, int] | None:
@@ -631,6 +668,9 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "tls": _table(TLSConfig),
         "relay_engine": _STR,
         "policies": _policy_tables("global"),
+        "trusted_proxies": _STRINGS,
+        "proxy_protocol": _BOOL,
+        "forwarded_header": _STR,
     },
     ApiConfig: {
         "name": _STR,

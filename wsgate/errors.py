@@ -12,6 +12,8 @@ Tree::
     │       ├── BackendTimeout       no complete handshake in time -> 504
     │       ├── BackendRejected      the backend answered non-101  -> its status
     │       └── BackendProtocolError the backend's answer was not a valid upgrade -> 502
+    ├── ProxyHeaderError       no valid PROXY protocol header (or an untrusted peer):
+    │                          the connection is closed unanswered, never read as HTTP
     └── ProtocolError          a peer broke WebSocket framing rules  -> close 1002
         └── MessageTooBig      a message exceeded max_message_size   -> close 1009
 
@@ -105,6 +107,21 @@ class BackendProtocolError(BackendError):
 
     def __init__(self, message: str) -> None:
         super().__init__(502, message, reason="BackendProtocolError")
+
+
+class ProxyHeaderError(WsgateError):
+    """A connection to a ``proxy_protocol`` listener did not start with a valid header.
+
+    ``reason`` is the ``reason`` label of ``wsgate_proxy_protocol_refused_total``
+    (``not_proxy``, ``malformed``, ``unsupported``, ``oversize``, ``truncated``,
+    ``timeout``, ``untrusted``); nothing is sent back, since the peer may not
+    even speak HTTP.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class ProtocolError(WsgateError):

@@ -34,9 +34,16 @@ import structlog
 import trio
 
 from .backend import open_backend
+from .clientaddr import client_address
 from .closing import End, close_plan
 from .config import ApiConfig, Config, Listen
-from .errors import BackendRejected, BackendTimeout, HandshakeRejected, out_of_fds
+from .errors import (
+    BackendRejected,
+    BackendTimeout,
+    HandshakeRejected,
+    ProxyHeaderError,
+    out_of_fds,
+)
 from .frames import build_close_frame
 from .handshake import (
     MAX_REQUEST_HEAD,
@@ -60,6 +67,7 @@ from .netio import (
 from .policies.pipeline import all_policies, pipeline
 from .policies.subscription import check_subscription
 from .policy import HandshakeContext, PairStats, Policy, secret_query_parameters
+from .proxyproto import ProxyHeaderParser, RefusalLog
 from .reactor import Reactor
 from .relay import Pair
 from .routing import Router
@@ -81,6 +89,8 @@ class GatewayStats:
     capacity: int
     handshakes_in_progress: int
     draining: bool
+    #: Connections a proxy_protocol listener closed unread, by reason.
+    proxy_protocol_refused: Mapping[str, int] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -180,6 +190,8 @@ class Gateway:
         ] = {}  # rate-limit counters etc., by policy
         self._handshaking = 0
         self._draining = False
+        self._proxy_refused: dict[str, int] = {}
+        self._proxy_refusal_log = RefusalLog()
         self._addresses: list[tuple[str, int]] = []
         self._accepting = trio.CancelScope()
         self._connections: trio.Nursery | None = None
@@ -276,6 +288,7 @@ class Gateway:
             capacity=self.config.gateway.max_connections,
             handshakes_in_progress=self._handshaking,
             draining=self._draining,
+            proxy_protocol_refused=dict(self._proxy_refused),
         )
 
     async def run(
@@ -443,20 +456,33 @@ class Gateway:
         handed_over = False
         self._handshaking += 1  # until the request is read (wsgate_handshakes_in_progress)
         counted = True
-        parser = RequestParser(client_ip=address[0], secure=self._server_ssl is not None)
+        peer: str = address[0]
+        initial = b""  # bytes read behind a PROXY header
+        deadline: float | None = None
         read: tuple[ClientRequest, bytes] | None = None
         try:
+            if self.config.gateway.proxy_protocol:
+                # The header comes first, before TLS: read it under the handshake's deadline.
+                deadline = trio.current_time() + self.config.gateway.handshake_timeout
+                proxied = await self._proxy_header(sock, peer, deadline)
+                if proxied is None:
+                    return None  # refused (logged, counted) or a bare TCP check
+                peer, initial = proxied
+                record.caller_ip_address = peer
+            parser = RequestParser(client_ip=peer, secure=self._server_ssl is not None)
             if self._server_ssl is None:
                 # Straight from the accepted socket: a SocketStream would cost syscalls
                 # for nothing. The request usually follows the connection at once:
                 # take what is queued before arming handshake_timeout, which only
                 # bounds waiting (entering a deadline costs Trio about what a park does).
                 client = RawSocket(sock)
-                read = _queued_request(client, parser)
+                read = _queued_request(client, parser, initial)
             if read is None and not parser.closed:
-                with trio.fail_after(self.config.gateway.handshake_timeout):
+                if deadline is None:
+                    deadline = trio.current_time() + self.config.gateway.handshake_timeout
+                with trio.fail_at(deadline):
                     if client is None:
-                        client = await self._open_tls_client(sock)
+                        client = await self._open_tls_client(sock, initial)
                     read = await _read_request(client, parser)
             if read is None:
                 # Connected and left without a request: nothing to log. Its end
@@ -468,6 +494,9 @@ class Gateway:
                 return None
             assert client is not None  # a request was read from it
             request, trailing = read
+            if self.config.gateway.trusted:
+                request = self._behind_proxies(request, peer)
+                record.caller_ip_address = request.client_ip
             record.method = request.method
             record.url = redact_target(request.target, self._secret_query)
             self._handshaking -= 1
@@ -490,7 +519,7 @@ class Gateway:
             pass  # the client left before its request was complete: nothing to answer
         except ssl.SSLError as exc:
             # Only the TLS handshake raises it: the client got no request in.
-            log.info("tls_handshake_failed", caller_ip_address=address[0], error=str(exc))
+            log.info("tls_handshake_failed", caller_ip_address=peer, error=str(exc))
         except Exception as exc:
             log.exception("connection_failed")
             if record.response_code is None:
@@ -511,9 +540,74 @@ class Gateway:
                     sock.close()
         return None
 
-    async def _open_tls_client(self, sock: socket.socket) -> TLSSocket:
+    async def _proxy_header(
+        self, sock: socket.socket, peer: str, deadline: float
+    ) -> tuple[str, bytes] | None:
+        """Read the PROXY header: (the client it names, the bytes read past it).
+
+        None once the connection is refused (logged, rate-limited, and counted:
+        it is closed by the caller, unanswered) or closed without a byte.
+        """
+        try:
+            if not self.config.gateway.trusted.trusts(peer):
+                raise ProxyHeaderError("untrusted", "the peer is not in trusted_proxies")
+            sock.setblocking(False)  # accepted sockets start blocking
+            parser = ProxyHeaderParser()
+            buf = SHARED_BUFFER[:8192]
+            got = 0
+            with trio.fail_at(deadline):
+                while True:
+                    try:
+                        n = sock.recv_into(buf)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    if n == 0 and got == 0:
+                        return None  # a TCP health check: nothing to log
+                    got += n
+                    header = parser.feed(buf[:n])
+                    if header is not None:
+                        break
+        except trio.TooSlowError:
+            error = ProxyHeaderError(
+                "timeout", "no complete PROXY protocol header within handshake_timeout"
+            )
+        except ProxyHeaderError as exc:
+            error = exc
+        except PEER_GONE:
+            error = ProxyHeaderError("truncated", "connection reset before a PROXY header")
+        else:
+            # LOCAL, UNKNOWN, UNSPEC and UNIX name no client address: the peer stands.
+            client = header.source[0] if header.source is not None else peer
+            return client, parser.trailing
+        self._proxy_refused[error.reason] = self._proxy_refused.get(error.reason, 0) + 1
+        suppressed = self._proxy_refusal_log.admit(trio.current_time())
+        if suppressed is not None:
+            self._log.warning(
+                "proxy_protocol_refused",
+                peer_ip_address=peer,
+                reason=error.reason,
+                error=error.message,
+                suppressed=suppressed,
+            )
+        return None
+
+    def _behind_proxies(self, request: ClientRequest, peer: str) -> ClientRequest:
+        """``request`` as from the client its trusted proxies name (wsgate.clientaddr)."""
+        gateway = self.config.gateway
+        found = client_address(
+            peer, request.headers, gateway.trusted, header=gateway.forwarded_header
+        )
+        return attrs.evolve(
+            request,
+            client_ip=found.ip,
+            peer_ip=peer,
+            secure=request.secure if found.secure is None else found.secure,
+        )
+
+    async def _open_tls_client(self, sock: socket.socket, initial: bytes = b"") -> TLSSocket:
         assert self._server_ssl is not None
-        tls = TLSSocket(sock, self._server_ssl, server_side=True)
+        tls = TLSSocket(sock, self._server_ssl, server_side=True, initial=initial)
         try:
             await tls.do_handshake()
         except BaseException:
@@ -715,8 +809,12 @@ def _run_cleanups(
             log.exception("policy_cleanup_failed")
 
 
-def _queued_request(client: RawSocket, parser: RequestParser) -> tuple[ClientRequest, bytes] | None:
-    """The request, if the bytes already queued complete it; None if not (yet)."""
+def _queued_request(
+    client: RawSocket, parser: RequestParser, initial: bytes = b""
+) -> tuple[ClientRequest, bytes] | None:
+    """The request, if ``initial`` and the bytes already queued complete it; None if not (yet)."""
+    if initial and (request := parser.feed(initial)) is not None:
+        return request, parser.trailing
     buf = SHARED_BUFFER[:8192]
     n = client.recv_nowait(buf)
     if n < 0:

@@ -54,6 +54,9 @@ class ClientRequest:
     headers: Headers
     client_ip: str
     secure: bool = False
+    #: The peer that sent the request when ``client_ip`` came from trusted proxies'
+    #: headers (wsgate.clientaddr); None: the peer is the client.
+    peer_ip: str | None = None
 
     @property
     def path(self) -> str:
@@ -396,7 +399,10 @@ def backend_headers(
     headers = end_to_end(request.headers)
     forwarded_for = [v for k, v in headers if k == "x-forwarded-for"]
     headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
-    headers.append(("x-forwarded-for", ", ".join([*forwarded_for, request.client_ip])))
+    # The chain grows by the hop that sent the request, even when the client is
+    # known to be further left: the backend sees every hop, as with any proxy.
+    peer = request.peer_ip or request.client_ip
+    headers.append(("x-forwarded-for", ", ".join([*forwarded_for, peer])))
     headers.append(("x-forwarded-proto", "wss" if request.secure else "ws"))
     if gateway_host:
         headers.append(("x-forwarded-host", gateway_host))

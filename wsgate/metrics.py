@@ -134,7 +134,9 @@ class GatewayMetrics:
     def collect(self) -> Iterable[Metric]:
         """Every metric, with open pairs' counts added at this moment."""
         families = self._families()
-        attempts, active, capacity, in_progress, messages, nbytes, hs, backend, closes = families
+        attempts, active, capacity, in_progress, messages, nbytes, hs, backend, closes, refused = (
+            families
+        )
         for (api, code), count in sorted(self._attempts.items()):
             attempts.add_metric([api, code], count)
         for (api, closed_by, code), count in sorted(self._closes.items()):
@@ -165,6 +167,8 @@ class GatewayMetrics:
             stats = gateway.stats()
             capacity.add_metric([], open_pairs / stats.capacity if stats.capacity else 0.0)
             in_progress.add_metric([], stats.handshakes_in_progress)
+            for reason, count in sorted(stats.proxy_protocol_refused.items()):
+                refused.add_metric([reason], count)
         for api, count in sorted(per_api.items()):
             active.add_metric([api], count)
         for (api, source, destination, kind), count in sorted(message_totals.items()):
@@ -225,6 +229,11 @@ class GatewayMetrics:
                 "wsgate_closes",
                 "Pairs ended, by API, who closed first and the close code logged.",
                 labels=["api", "closed_by", "code"],
+            ),
+            CounterMetricFamily(
+                "wsgate_proxy_protocol_refused",
+                "Connections to a proxy_protocol listener closed unread, by reason.",
+                labels=["reason"],
             ),
         ]
 

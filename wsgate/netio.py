@@ -176,8 +176,12 @@ class TLSSocket:
         *,
         server_side: bool,
         server_hostname: str | None = None,
+        initial: bytes = b"",
     ) -> None:
-        """Wrap ``sock``; call :meth:`do_handshake` before anything else."""
+        """Wrap ``sock``; call :meth:`do_handshake` before anything else.
+
+        ``initial``: ciphertext already read from ``sock`` (behind a PROXY header).
+        """
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -185,6 +189,8 @@ class TLSSocket:
         self._fd = sock.fileno()
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
+        if initial:
+            self._in.write(initial)
         self._tls = context.wrap_bio(
             self._in, self._out, server_side=server_side, server_hostname=server_hostname
         )

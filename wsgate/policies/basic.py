@@ -220,7 +220,8 @@ def _networks(_inst: object, attr: _Attribute, value: tuple[str, ...]) -> None:
 class IpFilter:
     """Allow only, or forbid, callers whose IP is in ``addresses`` (IPs and CIDR ranges).
 
-    The caller's IP is the TCP peer's (never X-Forwarded-For); an IPv4-mapped
+    The caller's IP is the TCP peer's, or the client a peer in ``trusted_proxies``
+    names (wsgate.clientaddr); an IPv4-mapped
     IPv6 peer (``::ffff:192.0.2.1``) is matched as the IPv4 address. 403 otherwise.
     """
 
