@@ -16,7 +16,7 @@ import trio
 from wsproto.utilities import generate_nonce
 
 from .config import BackendURL
-from .errors import BackendProtocolError, BackendRejected, map_backend_errors
+from .errors import BackendProtocolError, BackendRejected
 from .handshake import (
     MAX_REQUEST_HEAD,
     BackendAccept,
@@ -60,28 +60,31 @@ async def open_backend(
     """Connect to ``backend`` and complete its opening handshake.
 
     ``keepalive``: (idle, interval, probes) for :func:`~wsgate.netio.set_keepalive`.
-    The caller bounds this with ``trio.fail_after(backend_connect_timeout)``.
-    Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
+    Raises :class:`~wsgate.errors.BackendRejected` or
+    :class:`~wsgate.errors.BackendProtocolError` for the backend's answer, and
+    the foreign I/O errors of connecting as they are: the caller enters
+    :func:`~wsgate.errors.map_backend_errors` and, inside it,
+    ``trio.fail_after(backend_connect_timeout)``, so that one boundary maps
+    both.
     """
-    with map_backend_errors(backend.url):
-        conn = await dial_tcp(backend.host, backend.port)
-        endpoint: Endpoint
-        if backend.secure:
-            endpoint = TLSSocket(
-                conn, client_ssl_context(ca_file), server_side=False, server_hostname=backend.host
-            )
-        else:
-            endpoint = RawSocket(conn)
-        try:
-            if keepalive is not None:
-                set_keepalive(conn, *keepalive)
-            if isinstance(endpoint, TLSSocket):
-                await endpoint.do_handshake()
-            accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
-        except BaseException:
-            endpoint.abort()
-            raise
-        return BackendConnection(endpoint, accept, trailing)
+    conn = await dial_tcp(backend.host, backend.port)
+    endpoint: Endpoint
+    if backend.secure:
+        endpoint = TLSSocket(
+            conn, client_ssl_context(ca_file), server_side=False, server_hostname=backend.host
+        )
+    else:
+        endpoint = RawSocket(conn)
+    try:
+        if keepalive is not None:
+            set_keepalive(conn, *keepalive)
+        if isinstance(endpoint, TLSSocket):
+            await endpoint.do_handshake()
+        accept, trailing = await _upgrade(endpoint, backend, target, headers, upgrade)
+    except BaseException:
+        endpoint.abort()
+        raise
+    return BackendConnection(endpoint, accept, trailing)
 
 
 async def dial_tcp(host: str, port: int) -> socket.socket:
