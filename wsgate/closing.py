@@ -76,6 +76,8 @@ BACKEND_ENDS = SideEnds(
     End.BACKEND_PROTOCOL_ERROR,
     End.BACKEND_MESSAGE_TOO_BIG,
 )
+#: The ends of each side, by its name (``"client"``, ``"backend"``).
+SIDE_ENDS = {"client": CLIENT_ENDS, "backend": BACKEND_ENDS}
 
 
 def protocol_end(ends: SideEnds, error: ProtocolError) -> End:

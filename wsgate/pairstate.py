@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .closing import BACKEND_ENDS, CLIENT_ENDS, End, SideEnds, protocol_end
+from .closing import SIDE_ENDS, End, protocol_end
 
 if TYPE_CHECKING:
     import structlog
@@ -40,13 +40,12 @@ BACKEND = "backend"
 class PairSide:
     """One leg of a pair and the scanner of the frames it sends."""
 
-    __slots__ = ("bytes_in", "closed", "endpoint", "ends", "gone", "held_back", "name", "scanner")
+    __slots__ = ("bytes_in", "closed", "endpoint", "gone", "held_back", "name", "scanner")
 
     def __init__(self, name: str, endpoint: Endpoint, scanner: FrameScanner) -> None:
-        self.name = name  # CLIENT or BACKEND
+        self.name = name  # CLIENT or BACKEND: closing.SIDE_ENDS says what its ends are
         self.endpoint = endpoint
         self.scanner = scanner  # frames *from* this side
-        self.ends: SideEnds = CLIENT_ENDS if name == CLIENT else BACKEND_ENDS
         self.bytes_in = 0
         # Set when the gateway held back this side's last read (a rate limit):
         # whether the bytes it did relay ended at a frame boundary.
@@ -122,7 +121,7 @@ class PairState:
         scanner = src.scanner
         if scanner.error is not None:
             self.log.info("protocol_error", side=src.name, error=str(scanner.error))
-            self.stop(protocol_end(src.ends, scanner.error))
+            self.stop(protocol_end(SIDE_ENDS[src.name], scanner.error))
             return False
         if scanner.close_received and count:
             if self.first_closer is None:
@@ -131,19 +130,19 @@ class PairState:
                 assert self.scope is not None  # scanning happens while the pair runs
                 self.scope.deadline = trio.current_time() + self.close_timeout
             else:
-                self.stop(self.first_closer.ends.closed)
+                self.stop(SIDE_ENDS[self.first_closer.name].closed)
         return True
 
     def source_ended(self, side: PairSide) -> None:
         """``side``'s connection ended (EOF, reset or a failed send)."""
         if self.first_closer is not None:
             # A close handshake was under way: this is its (possibly abrupt) end.
-            self.stop(self.first_closer.ends.closed)
+            self.stop(SIDE_ENDS[self.first_closer.name].closed)
             if not side.scanner.close_received:
                 side.gone = True
             return
         side.gone = True
-        self.stop(side.ends.vanished)
+        self.stop(SIDE_ENDS[side.name].vanished)
 
     def send_failed(self, side: PairSide) -> None:
         """A send to ``side`` found its connection gone: nothing more reaches it."""
