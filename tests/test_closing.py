@@ -15,6 +15,7 @@ from wsgate.closing import (
     End,
     close_plan,
     logged_close,
+    owed_close,
     protocol_end,
 )
 from wsgate.errors import (
@@ -107,6 +108,23 @@ def test_a_gateway_end_is_logged_with_the_code_the_client_got() -> None:
     assert _logged(End.ABORTED) == ("gateway", ABNORMAL, End.ABORTED.value)
     # A close timeout with no first closer on record is the gateway's.
     assert _logged(End.CLOSE_TIMEOUT)[:2] == ("gateway", ABNORMAL)
+
+
+def test_owed_close_answers_an_unanswered_close_with_its_own_code() -> None:
+    answer = {"close_reached": False, "unanswered": True}
+    assert owed_close(1001, "drain", **answer, their_code=4001) == (4001, "")
+    assert owed_close(None, "", **answer, their_code=None) == (None, "")  # an empty close back
+
+
+def test_owed_close_sends_the_plan_unless_a_close_frame_got_through() -> None:
+    def owed(planned: int | None, reason: str, reached: bool) -> tuple[int | None, str] | None:
+        return owed_close(planned, reason, close_reached=reached, unanswered=False, their_code=None)
+
+    assert owed(1001, "drain", False) == (1001, "drain")
+    assert owed(None, "", False) is None
+    assert owed(1011, "x", True) is None
+    # The partner's close frame reached it: even an unanswered close gets nothing more.
+    assert owed_close(1001, "", close_reached=True, unanswered=True, their_code=1000) is None
 
 
 async def test_the_backend_deadline_inside_the_mapping_is_a_504(

@@ -4,7 +4,8 @@ A pair ends for one :class:`End` reason; :class:`SideEnds` says which ends
 each side can cause (:func:`protocol_end` picks the one a scanner error
 means). :func:`close_plan` says which close code the gateway itself sends to
 each side (``None``: that side gets no frame from the gateway, because the
-peer's own close frame reached it, or it is gone), and :func:`logged_close`
+peer's own close frame reached it, or it is gone), :func:`owed_close` the
+frame one side gets when the pair's streams are done, and :func:`logged_close`
 what the disconnect log records. :data:`TERMINATE_CODE` is the code an
 operator's or a policy's termination sends, as the management API reports it.
 
@@ -149,3 +150,28 @@ def logged_close(
     if end in (End.CLIENT_VANISHED, End.BACKEND_VANISHED):
         return plan.closed_by, ABNORMAL, end.value
     return plan.closed_by, plan.to_client or ABNORMAL, stop_reason or end.value
+
+
+def owed_close(
+    planned: int | None,
+    reason: str,
+    *,
+    close_reached: bool,
+    unanswered: bool,
+    their_code: int | None,
+) -> tuple[int | None, str] | None:
+    """The close frame (code, reason) the gateway sends one side as a pair ends; None: none.
+
+    ``planned`` and ``reason`` are the plan's for that side. ``close_reached``:
+    its partner's close frame was relayed to it, so it needs none from us.
+    ``unanswered``: it sent a close frame (code ``their_code``, None for an
+    empty one) that its partner never answered; the gateway answers it with its
+    own code, as RFC 6455 5.5.1 has the receiver of a close frame do.
+    """
+    if close_reached:
+        return None
+    if unanswered:
+        return their_code, ""
+    if planned is not None:
+        return planned, reason
+    return None

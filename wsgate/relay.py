@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from .closing import ClosePlan, End, close_plan, logged_close
+from .closing import ClosePlan, End, close_plan, logged_close, owed_close
 from .frames import FrameScanner, build_close_frame
 from .logs import utc_now
 from .netio import PEER_GONE, SHARED_BUFFER, Endpoint
@@ -351,21 +351,22 @@ class Pair(PairState):
         """Give ``side`` a close frame if it is owed one, then our FIN; False to abort it."""
         if side.gone:
             return False  # aborted by _finish
-        frame: bytes | None = None
         # What of the partner's stream reached this side: all its scanner saw,
         # unless its last read was held back.
         if partner.held_back is None:
             close_passed, at_boundary = partner.scanner.close_received, partner.scanner.at_boundary
         else:
             close_passed, at_boundary = False, partner.held_back
-        if not close_passed:  # no close frame reached this side yet
-            if side.scanner.close_received and side.held_back is None:
-                # It started a close handshake its partner never answered: answer it.
-                # (Not when the read carrying it was held back: the gateway ended
-                # the pair before relaying it, and says why with its own code.)
-                frame = build_close_frame(side.scanner.close_code, "", mask=side is self.backend)
-            elif code is not None:
-                frame = build_close_frame(code, why, mask=side is self.backend)
+        owed = owed_close(
+            code,
+            why,
+            close_reached=close_passed,
+            # Not when the read carrying its close frame was held back: the gateway
+            # ended the pair before relaying it, and says why with its own code.
+            unanswered=side.scanner.close_received and side.held_back is None,
+            their_code=side.scanner.close_code,
+        )
+        frame = None if owed is None else build_close_frame(*owed, mask=side is self.backend)
         # Our own frame may only start where the partner's last frame ended.
         if frame is not None and (side.endpoint.dirty or not at_boundary):
             return False  # aborted by _finish
