@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from wsgate.closing import BACKEND_ENDS, CLIENT_ENDS, close_plan, protocol_end
 from wsgate.errors import MessageTooBig, ProtocolError
 from wsgate.frames import FrameScanner, build_close_frame, parse_close_payload
 
@@ -417,7 +418,7 @@ def test_message_too_big_across_fragments() -> None:
         max_message_size=100,
     )
     assert scanner.error is not None
-    assert scanner.error.close_code == 1009
+    assert close_plan(protocol_end(CLIENT_ENDS, scanner.error)).to_client == 1009
 
 
 def test_message_size_resets_per_message() -> None:
@@ -640,7 +641,11 @@ def test_parse_close_payload_rejects_invalid_utf8(reason: bytes) -> None:
         parse_close_payload(b"\x03\xe8" + reason)
 
 
-def test_errors_carry_close_codes() -> None:
-    assert ProtocolError.close_code == 1002
-    assert MessageTooBig.close_code == 1009
+def test_scanner_errors_close_with_1002_and_1009() -> None:
+    # closing.py owns the codes: a scanner's error picks the pair's end there.
     assert issubclass(MessageTooBig, ProtocolError)
+    bad = close_plan(protocol_end(CLIENT_ENDS, ProtocolError("bad")))
+    too_big = close_plan(protocol_end(CLIENT_ENDS, MessageTooBig("big")))
+    assert (bad.to_client, too_big.to_client) == (1002, 1009)
+    backend_too_big = close_plan(protocol_end(BACKEND_ENDS, MessageTooBig("big")))
+    assert backend_too_big.to_backend == 1009

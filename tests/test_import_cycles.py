@@ -35,11 +35,7 @@ ROOT = Path(wsgate.__file__).parent
 #: Cycles known and owned by other work, as the set of modules in the cycle's
 #: strongly connected component. An entry that no longer matches a real cycle
 #: fails the test, so it is deleted as soon as the cycle is gone.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    # Issue 15 (the engines' part) moves the pair state both engines share into
-    # wsgate/pairstate.py; relay and reactor then no longer need each other's types.
-    frozenset({"wsgate.relay", "wsgate.reactor"}): "relay/reactor pair state (issue 15)",
-}
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
 
 Graph = dict[str, set[str]]
 

@@ -15,7 +15,7 @@ import trio
 from wsproto.utilities import generate_nonce
 
 from .addresses import BackendURL
-from .errors import BackendProtocolError, BackendRejected, map_backend_errors
+from .errors import BackendProtocolError, BackendRejected
 from .handshake import (
     BackendAccept,
     Headers,
@@ -64,44 +64,47 @@ async def open_backend(
     """Connect to ``backend`` and complete its opening handshake.
 
     ``keepalive``: (idle, interval, probes) for :func:`~wsgate.netio.set_keepalive`.
-    The caller bounds this with ``trio.fail_after(backend_connect_timeout)``.
-    Raises a :class:`~wsgate.errors.BackendError` subclass on any failure.
+    Raises :class:`~wsgate.errors.BackendRejected` or
+    :class:`~wsgate.errors.BackendProtocolError` for the backend's answer, and
+    the foreign I/O errors of connecting as they are: the caller enters
+    :func:`~wsgate.errors.map_backend_errors` and, inside it,
+    ``trio.fail_after(backend_connect_timeout)``, so that one boundary maps
+    both.
     """
     key = generate_nonce().decode()
     # Built (and checked) before dialling: a request that cannot be sent costs no connection.
     request = backend_request(target, backend.host_header, key, headers)
-    with map_backend_errors(backend.url):
-        conn = await dial_tcp(backend.host, backend.port)
-        endpoint: Endpoint
-        if backend.secure:
-            endpoint = TLSSocket(
-                conn, client_ssl_context(ca_file), server_side=False, server_hostname=backend.host
-            )
-        else:
-            endpoint = RawSocket(conn)
-        try:
-            if keepalive is not None:
-                set_keepalive(conn, *keepalive)
-            if isinstance(endpoint, TLSSocket):
-                await endpoint.do_handshake()
-            accept, trailing = await _upgrade(endpoint, request, key, upgrade)
-        except _Answered as answered:
-            # A complete answer (or an orderly close): the backend did nothing
-            # wrong, so it gets our FIN, not a reset. A reset makes the peer's next
-            # read fail with ECONNRESET, which kills a Node backend that refused
-            # with socket.end() and has no 'error' listener on the socket.
-            # Shielded and bounded on its own: the caller's deadline running out
-            # now would turn the backend's answer into a 504.
-            with trio.move_on_after(REJECTION_LINGER) as scope:
-                scope.shield = True
-                await endpoint.close(REJECTION_LINGER)
-            raise answered.error from None
-        except BaseException:
-            # Invalid HTTP, a bad 101, an answer cut short by its time or size
-            # limit, a timeout or cancellation: the exchange was cut short, and a
-            # reset is the honest end of it.
-            endpoint.abort()
-            raise
+    conn = await dial_tcp(backend.host, backend.port)
+    endpoint: Endpoint
+    if backend.secure:
+        endpoint = TLSSocket(
+            conn, client_ssl_context(ca_file), server_side=False, server_hostname=backend.host
+        )
+    else:
+        endpoint = RawSocket(conn)
+    try:
+        if keepalive is not None:
+            set_keepalive(conn, *keepalive)
+        if isinstance(endpoint, TLSSocket):
+            await endpoint.do_handshake()
+        accept, trailing = await _upgrade(endpoint, request, key, upgrade)
+    except _Answered as answered:
+        # A complete answer (or an orderly close): the backend did nothing
+        # wrong, so it gets our FIN, not a reset. A reset makes the peer's next
+        # read fail with ECONNRESET, which kills a Node backend that refused
+        # with socket.end() and has no 'error' listener on the socket.
+        # Shielded and bounded on its own: the caller's deadline running out
+        # now would turn the backend's answer into a 504.
+        with trio.move_on_after(REJECTION_LINGER) as scope:
+            scope.shield = True
+            await endpoint.close(REJECTION_LINGER)
+        raise answered.error from None
+    except BaseException:
+        # Invalid HTTP, a bad 101, an answer cut short by its time or size
+        # limit, a timeout or cancellation: the exchange was cut short, and a
+        # reset is the honest end of it.
+        endpoint.abort()
+        raise
     return BackendConnection(endpoint, accept, trailing)
 
 

@@ -1,9 +1,13 @@
 """Every close-code decision the gateway makes, in one place.
 
-A pair ends for one :class:`End` reason. :func:`close_plan` says which close
-code the gateway itself sends to each side (``None``: that side gets no frame
-from the gateway, because the peer's own close frame reached it, or it is
-gone) and what the disconnect log records.
+A pair ends for one :class:`End` reason; :class:`SideEnds` says which ends
+each side can cause (:func:`protocol_end` picks the one a scanner error
+means). :func:`close_plan` says which close code the gateway itself sends to
+each side (``None``: that side gets no frame from the gateway, because the
+peer's own close frame reached it, or it is gone), :func:`owed_close` the
+frame one side gets when the pair's streams are done, and :func:`logged_close`
+what the disconnect log records. :data:`TERMINATE_CODE` is the code an
+operator's or a policy's termination sends, as the management API reports it.
 
 A backend that vanishes earns the client 1011, not 1014 "bad gateway": wsproto
 (under trio-websocket, among others) fails a connection that receives 1014 as
@@ -20,6 +24,8 @@ from __future__ import annotations
 import enum
 
 import attrs
+
+from .errors import MessageTooBig, ProtocolError
 
 GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
@@ -53,6 +59,34 @@ class End(enum.Enum):
 
 
 @attrs.frozen
+class SideEnds:
+    """The ends one side of a pair can cause: the client's or the backend's."""
+
+    closed: End  # its close frame started the handshake that finished
+    vanished: End
+    protocol_error: End
+    message_too_big: End
+
+
+CLIENT_ENDS = SideEnds(
+    End.CLIENT_CLOSED, End.CLIENT_VANISHED, End.CLIENT_PROTOCOL_ERROR, End.CLIENT_MESSAGE_TOO_BIG
+)
+BACKEND_ENDS = SideEnds(
+    End.BACKEND_CLOSED,
+    End.BACKEND_VANISHED,
+    End.BACKEND_PROTOCOL_ERROR,
+    End.BACKEND_MESSAGE_TOO_BIG,
+)
+#: The ends of each side, by its name (``"client"``, ``"backend"``).
+SIDE_ENDS = {"client": CLIENT_ENDS, "backend": BACKEND_ENDS}
+
+
+def protocol_end(ends: SideEnds, error: ProtocolError) -> End:
+    """The end a scanner ``error`` in the frames of the side with ``ends`` means."""
+    return ends.message_too_big if isinstance(error, MessageTooBig) else ends.protocol_error
+
+
+@attrs.frozen
 class ClosePlan:
     """What the gateway sends each side when a pair ends, and what it logs."""
 
@@ -61,6 +95,9 @@ class ClosePlan:
     to_backend: int | None
     reason: str  # reason text of the gateway's own close frames
 
+
+#: What a terminated pair's sides get (an operator's DELETE, a policy's deadline).
+TERMINATE_CODE = POLICY_VIOLATION
 
 _PLANS: dict[End, tuple[str, int | None, int | None]] = {
     # A peer's close frame travelled through; the gateway adds nothing.
@@ -75,7 +112,7 @@ _PLANS: dict[End, tuple[str, int | None, int | None]] = {
     End.CLOSE_TIMEOUT: ("gateway", None, None),
     End.IDLE_TIMEOUT: ("gateway", GOING_AWAY, GOING_AWAY),
     End.DRAIN: ("gateway", GOING_AWAY, GOING_AWAY),
-    End.TERMINATED: ("gateway", POLICY_VIOLATION, POLICY_VIOLATION),
+    End.TERMINATED: ("gateway", TERMINATE_CODE, TERMINATE_CODE),
     End.INTERNAL_ERROR: ("gateway", INTERNAL_ERROR, GOING_AWAY),
     End.ABORTED: ("gateway", None, None),
 }
@@ -89,3 +126,52 @@ def close_plan(end: End, *, reason: str | None = None) -> ClosePlan:
     """
     closed_by, to_client, to_backend = _PLANS[end]
     return ClosePlan(closed_by, to_client, to_backend, reason if reason is not None else end.value)
+
+
+def logged_close(
+    end: End,
+    plan: ClosePlan,
+    *,
+    closer: str | None,
+    closer_code: int | None,
+    closer_reason: str,
+    stop_reason: str | None,
+) -> tuple[str, int, str]:
+    """``closed_by``, ``close_code`` and ``close_reason`` of a pair's disconnect log.
+
+    ``closer`` names the side whose close frame started a close handshake
+    (``None``: none did), with that frame's code and reason. A handshake that
+    finished, or timed out, is logged with the peer's code (1005 when its frame
+    had none); a vanished peer with 1006; anything else with the gateway's
+    own code to the client (1006 when it sent none).
+    """
+    if closer is not None and end in (End.CLIENT_CLOSED, End.BACKEND_CLOSED, End.CLOSE_TIMEOUT):
+        return closer, NO_STATUS if closer_code is None else closer_code, closer_reason
+    if end in (End.CLIENT_VANISHED, End.BACKEND_VANISHED):
+        return plan.closed_by, ABNORMAL, end.value
+    return plan.closed_by, plan.to_client or ABNORMAL, stop_reason or end.value
+
+
+def owed_close(
+    planned: int | None,
+    reason: str,
+    *,
+    close_reached: bool,
+    unanswered: bool,
+    their_code: int | None,
+) -> tuple[int | None, str] | None:
+    """The close frame (code, reason) the gateway sends one side as a pair ends; None: none.
+
+    ``planned`` and ``reason`` are the plan's for that side. ``close_reached``:
+    its partner's close frame was relayed to it, so it needs none from us.
+    ``unanswered``: it sent a close frame (code ``their_code``, None for an
+    empty one) that its partner never answered; the gateway answers it with its
+    own code, as RFC 6455 5.5.1 has the receiver of a close frame do.
+    """
+    if close_reached:
+        return None
+    if unanswered:
+        return their_code, ""
+    if planned is not None:
+        return planned, reason
+    return None

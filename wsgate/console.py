@@ -10,9 +10,8 @@ Two modes, on trio-websocket:
   payloads in order, waits for ``--expect N`` messages, prints them (JSON lines
   with ``--json``) and exits 0, or exits non-zero with a message on stderr.
 
-The module also holds the server side of the web console (:func:`web_routes`):
-the static page shipped in ``wsgate/console_web`` and the two small endpoints
-it calls on the admin listener.
+The web console's server side (its page and the two endpoints it calls on
+the admin listener) is :mod:`wsgate.admin.console_routes`.
 
 Exit status: 0 success; 1 the connection could not be opened (the handshake was
 refused, the host is unreachable, TLS failed) or a payload is invalid; 2 bad
@@ -34,10 +33,10 @@ import re
 import ssl
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
 import attrs
@@ -49,16 +48,8 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
-from wsproto import ConnectionType, WSConnection
-from wsproto import events as ws_events
-from wsproto.connection import ConnectionState
 
-if TYPE_CHECKING:
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import BaseRoute
-
-    from .gateway import Gateway
+from .logs import utc_now
 
 __all__ = [
     "EXIT_CLOSED",
@@ -72,7 +63,6 @@ __all__ = [
     "main",
     "parse_payload",
     "run",
-    "web_routes",
 ]
 
 EXIT_OK = 0
@@ -97,10 +87,8 @@ BODY_SHOWN = 2000
 #: Seconds the console waits for the other side's close frame when it closes.
 CLOSE_TIMEOUT = 5.0
 
-#: Seconds the web console's probe waits for the gateway's answer.
-PROBE_TIMEOUT = 10.0
-
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: An HTTP token (RFC 9110), e.g. a header name or a subprotocol.
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 HELP = """\
 Commands (anything else is sent as a text message):
@@ -128,7 +116,7 @@ class ConsoleError(Exception):
 def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     name, value = name.strip(), value.strip()
-    if not sep or not _TOKEN.fullmatch(name):
+    if not sep or not HTTP_TOKEN.fullmatch(name):
         raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
     if any(ch in value for ch in "\r\n\0"):
         raise argparse.ArgumentTypeError(f"header value of {name} contains a line break")
@@ -356,7 +344,8 @@ def _headers(args: argparse.Namespace) -> list[tuple[bytes, bytes]]:
 
 
 def _rejection(exc: ConnectionRejected) -> str:
-    text = f"the handshake was refused: HTTP {exc.status_code} {_phrase(exc.status_code)}".rstrip()
+    status = exc.status_code
+    text = f"the handshake was refused: HTTP {status} {status_phrase(status)}".rstrip()
     body = (exc.body or b"").decode("utf-8", "replace").strip()
     if body:
         more = f"\n... ({len(body) - BODY_SHOWN} more characters)" if len(body) > BODY_SHOWN else ""
@@ -368,7 +357,7 @@ def _connect_failure(netloc: str, exc: OSError) -> ConsoleError:
     # trio's "all attempts to connect failed" holds one error per address tried.
     tried = exc.__cause__
     errors = tried.exceptions if isinstance(tried, BaseExceptionGroup) else [exc]
-    reasons = dict.fromkeys(_os_error(error) for error in errors)
+    reasons = dict.fromkeys(describe_os_error(error) for error in errors)
     return ConsoleError(f"cannot connect to {netloc}: {'; '.join(reasons)}")
 
 
@@ -396,7 +385,8 @@ def _only(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     return leaves[0] if len(leaves) == 1 else None
 
 
-def _os_error(exc: BaseException) -> str:
+def describe_os_error(exc: BaseException) -> str:
+    """A short human-readable cause of a failed connect ("Connection refused")."""
     if isinstance(exc, OSError) and exc.errno and exc.errno > 0:
         return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:
@@ -509,12 +499,8 @@ class _Connect:
 
 
 def _clock() -> str:
+    # Local wall-clock time for a person at the terminal; --json uses utc_now().
     return datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
-
-
-def _utc() -> str:
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def _show_text(text: str) -> str:
@@ -549,7 +535,7 @@ class _Printer:
     def message(self, direction: str, message: str | bytes) -> None:
         arrow = ">" if direction == "sent" else "<"
         if self.json_lines:
-            record: dict[str, Any] = {"timestamp": _utc(), "direction": direction}
+            record: dict[str, Any] = {"timestamp": utc_now(), "direction": direction}
             if isinstance(message, str):
                 record.update(type="text", data=message)
             else:
@@ -758,144 +744,8 @@ def _closable(code: int) -> bool:
     return code == 1000 or 3000 <= code <= 4999
 
 
-# --- the web console's server side -------------------------------------------------------
-
-#: Where the web console's files live: ``wsgate/console_web`` (package data).
-WEB_PACKAGE = ("wsgate", "console_web")
-
-Endpoint = Callable[["Request"], Awaitable["Response"]]
-
-
-def web_routes(gateway: Gateway, protected: Callable[[Endpoint], Endpoint]) -> list[BaseRoute]:
-    """The web console's routes, for the admin listener's Starlette app.
-
-    * ``GET /console/`` and its files: the page (open: it holds no secrets);
-    * ``GET /console/api/gateway`` (behind ``protected``, the admin bearer token):
-      the gateway's WebSocket base URL, so the page can connect to it;
-    * ``POST /console/api/probe`` (likewise), body ``{"target": "/path?query",
-      "subprotocols": [...]}``: opens that handshake against the gateway from
-      the admin listener and answers its HTTP status and body, which browsers
-      hide from pages when a handshake is refused (docs/console.md).
-    """
-    from starlette.responses import JSONResponse
-    from starlette.routing import Mount, Route
-    from starlette.staticfiles import StaticFiles
-
-    async def gateway_info(_request: Request) -> Response:
-        if not gateway.addresses:
-            return JSONResponse({"errors": [{"field": None, "message": "not listening yet"}]}, 503)
-        return JSONResponse(
-            {
-                "url": gateway.url,
-                "tls": gateway.url.startswith("wss:"),
-                "addresses": [[host, port] for host, port in gateway.addresses],
-            }
-        )
-
-    async def probe(request: Request) -> Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        target = body.get("target") if isinstance(body, dict) else None
-        subprotocols = body.get("subprotocols", []) if isinstance(body, dict) else None
-        if not isinstance(target, str) or not re.fullmatch(r"/[!-~]*", target):
-            problem = "'target' must be a path and query starting with '/', without spaces"
-            return JSONResponse({"errors": [{"field": "target", "message": problem}]}, 400)
-        if not isinstance(subprotocols, list) or not all(
-            isinstance(p, str) and _TOKEN.fullmatch(p) for p in subprotocols
-        ):
-            problem = "'subprotocols' must be a list of tokens"
-            return JSONResponse({"errors": [{"field": "subprotocols", "message": problem}]}, 400)
-        if not gateway.addresses:
-            return JSONResponse({"errors": [{"field": None, "message": "not listening yet"}]}, 503)
-        return JSONResponse(await probe_handshake(gateway.url + target, subprotocols))
-
-    return [
-        Route("/console/api/gateway", protected(gateway_info), methods=["GET"]),
-        Route("/console/api/probe", protected(probe), methods=["POST"]),
-        Mount("/console", StaticFiles(packages=[WEB_PACKAGE], html=True), name="console"),
-    ]
-
-
-async def probe_handshake(url: str, subprotocols: Sequence[str] = ()) -> dict[str, Any]:
-    """Try the opening handshake of ``url``; ``{"status": ..., "body": ...}`` or ``{"error": ...}``.
-
-    Written on wsproto rather than trio-websocket, which leaves the socket of a
-    refused handshake open. A handshake that succeeds is closed at once with
-    1000. A wss:// certificate is not verified: the URL is the gateway's own
-    listener.
-    """
-    parts = urlsplit(url)
-    secure = parts.scheme == "wss"
-    host = parts.hostname or ""
-    port = parts.port or (443 if secure else 80)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    try:
-        with trio.fail_after(PROBE_TIMEOUT):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-            async with stream:
-                if secure:
-                    context = ssl.create_default_context()
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                    stream = trio.SSLStream(stream, context, server_hostname=host)
-                    await stream.do_handshake()
-                return await _probe(stream, parts.netloc, target, subprotocols)
-    except trio.TooSlowError:
-        return {"error": f"no answer to the handshake within {PROBE_TIMEOUT:g} s"}
-    except (OSError, trio.BrokenResourceError) as exc:
-        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-        return {"error": f"cannot connect to {parts.netloc}: {_os_error(cause or exc)}"}
-
-
-async def _probe(
-    stream: trio.abc.Stream, host: str, target: str, subprotocols: Sequence[str]
-) -> dict[str, Any]:
-    conn = WSConnection(ConnectionType.CLIENT)
-    request = ws_events.Request(host=host, target=target, subprotocols=list(subprotocols))
-    await stream.send_all(conn.send(request))
-    result: dict[str, Any] = {}
-    body = bytearray()
-    while True:
-        data = await stream.receive_some(65536)
-        conn.receive_data(bytes(data) or None)
-        for event in conn.events():
-            if isinstance(event, ws_events.AcceptConnection):
-                await stream.send_all(
-                    conn.send(ws_events.CloseConnection(1000, "wsgate console probe"))
-                )
-                with trio.move_on_after(2):  # the close reply, for a tidy gateway log
-                    while conn.state is not ConnectionState.CLOSED:
-                        if not (data := await stream.receive_some(65536)):
-                            break
-                        conn.receive_data(bytes(data))
-                        list(conn.events())
-                status = {"status": 101, "reason": "Switching Protocols"}
-                return {**status, "subprotocol": event.subprotocol}
-            if isinstance(event, ws_events.RejectConnection):
-                headers = {
-                    k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers
-                }
-                result = {
-                    "status": event.status_code,
-                    "reason": _phrase(event.status_code),
-                    "content_type": headers.get("content-type"),
-                    "body": "",
-                }
-                if not event.has_body:
-                    return result
-            elif isinstance(event, ws_events.RejectData):
-                body += event.data
-                if event.body_finished or len(body) >= BODY_SHOWN * 4:
-                    return {**result, "body": body.decode("utf-8", "replace")[:BODY_SHOWN]}
-        if not data:
-            if result:
-                return {**result, "body": body.decode("utf-8", "replace")[:BODY_SHOWN]}
-            return {"error": "the gateway closed the connection without answering"}
-
-
-def _phrase(status: int) -> str:
+def status_phrase(status: int) -> str:
+    """The reason phrase of HTTP ``status`` ('' for a status HTTP does not name)."""
     try:
         return HTTPStatus(status).phrase
     except ValueError:

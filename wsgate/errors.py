@@ -6,8 +6,9 @@ Tree::
     ├── ConfigError            a config file or object is invalid (every problem listed)
     ├── WorkerBootFailure      a ``--workers`` worker exited before serving (exit 1)
     ├── HandshakeRejected      the client's upgrade request is answered with an HTTP error
+    │   ├── OutOfFileDescriptors the process has no descriptor left (accepting the
+    │   │                        client, or opening its backend)  -> 503, Retry-After
     │   └── BackendError       the backend could not be used for this handshake
-    │                          (running out of file descriptors on the way is a 503)
     │       ├── BackendUnreachable   connect/TLS failed           -> 502
     │       ├── BackendTimeout       no complete handshake in time -> 504
     │       ├── BackendRejected      the backend answered non-101  -> its status
@@ -18,8 +19,11 @@ Tree::
         └── MessageTooBig      a message exceeded max_message_size   -> close 1009
 
 A connection task never lets any of these (or anything else) escape: handshake
-errors become HTTP responses, protocol errors become close frames, and anything
-unexpected is logged and closes the pair with 1011.
+errors become HTTP responses, protocol errors become close frames (the codes
+are :mod:`wsgate.closing`'s), and anything unexpected is logged and closes the
+pair with 1011. Foreign exceptions met while opening a backend (OSError, ssl,
+Trio's stream errors and its ``TooSlowError``) become these types in
+:func:`map_backend_errors` only.
 """
 
 from __future__ import annotations
@@ -75,6 +79,22 @@ class HandshakeRejected(WsgateError):
         self.source = source
 
 
+#: Seconds a client refused for capacity or descriptors is told to wait before retrying.
+RETRY_AFTER = 1
+
+
+class OutOfFileDescriptors(HandshakeRejected):
+    """The process ran out of file descriptors (EMFILE/ENFILE): 503, retry soon."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "gateway is out of file descriptors",
+            reason="OutOfFileDescriptors",
+            headers=[("Retry-After", str(RETRY_AFTER))],
+        )
+
+
 class BackendError(HandshakeRejected):
     """The backend could not be used for this handshake."""
 
@@ -127,13 +147,9 @@ class ProxyHeaderError(WsgateError):
 class ProtocolError(WsgateError):
     """A peer broke the WebSocket framing rules; the pair closes with 1002."""
 
-    close_code = 1002
-
 
 class MessageTooBig(ProtocolError):
     """A message exceeded the API's max_message_size; the sender gets 1009."""
-
-    close_code = 1009
 
 
 @contextmanager
@@ -141,12 +157,14 @@ def map_backend_errors(what: str) -> Iterator[None]:
     """Turn foreign I/O exceptions met while opening a backend into BackendErrors.
 
     This is the single boundary where OSError, ssl and Trio stream errors from the
-    backend side become wsgate's own types.
+    backend side become wsgate's own types, and so is the caller's
+    ``trio.fail_after(backend_connect_timeout)`` when it is entered inside this
+    block: its ``TooSlowError`` becomes :class:`BackendTimeout`.
     """
     try:
         yield
     except trio.TooSlowError:
-        raise BackendTimeout(f"{what}: backend did not complete the handshake in time") from None
+        raise BackendTimeout(f"{what}: no complete handshake in time") from None
     except (ssl.SSLError, trio.BrokenResourceError) as exc:
         # A failed TLS handshake raises the ssl error itself; a TLS leg that
         # breaks afterwards raises BrokenResourceError *from* its cause.
@@ -158,12 +176,7 @@ def map_backend_errors(what: str) -> Iterator[None]:
         raise BackendUnreachable(f"{what}: TLS/connection failed: {cause or exc}") from exc
     except OSError as exc:
         if out_of_fds(exc):
-            raise HandshakeRejected(
-                503,
-                "gateway is out of file descriptors",
-                reason="OutOfFileDescriptors",
-                headers=[("Retry-After", "1")],
-            ) from exc
+            raise OutOfFileDescriptors from exc
         raise BackendUnreachable(f"{what}: {exc.strerror or exc}") from exc
 
 

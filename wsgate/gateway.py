@@ -38,10 +38,12 @@ from .clientaddr import client_address
 from .closing import End, close_plan
 from .config import ApiConfig, Config, Listen
 from .errors import (
+    RETRY_AFTER,
     BackendRejected,
-    BackendTimeout,
     HandshakeRejected,
+    OutOfFileDescriptors,
     ProxyHeaderError,
+    map_backend_errors,
     out_of_fds,
 )
 from .frames import build_close_frame
@@ -76,9 +78,6 @@ from .routing import Router
 _TASK_NAME = "wsgate.connection"
 #: Connections accepted back to back before the accept loop lets other tasks run.
 _ACCEPTS_BEFORE_YIELD = 16
-
-#: Seconds a client refused for capacity is told to wait before retrying.
-RETRY_AFTER = 1
 
 
 @attrs.frozen
@@ -400,12 +399,7 @@ class Gateway:
             return
         self._log.warning("out_of_file_descriptors", limit=fd_limit())
         with sock:
-            rejection = HandshakeRejected(
-                503,
-                "gateway is out of file descriptors",
-                reason="OutOfFileDescriptors",
-                headers=[("Retry-After", str(RETRY_AFTER))],
-            )
+            rejection = OutOfFileDescriptors()
             try:
                 sock.setblocking(False)
                 # Read the request first (briefly): closing with it unread would
@@ -734,7 +728,11 @@ class Gateway:
         )
         started = trio.current_time()
         try:
-            with trio.fail_after(self.config.gateway.backend_connect_timeout):
+            # The deadline inside the mapping: its TooSlowError is a BackendTimeout.
+            with (
+                map_backend_errors(ctx.backend.url),
+                trio.fail_after(self.config.gateway.backend_connect_timeout),
+            ):
                 backend = await open_backend(
                     ctx.backend,
                     target,
@@ -743,8 +741,6 @@ class Gateway:
                     ca_file=api.backend_ca_file,
                     keepalive=self._keepalive,
                 )
-        except trio.TooSlowError:
-            raise BackendTimeout(f"{ctx.backend.url}: no complete handshake in time") from None
         finally:
             record.backend_time = trio.current_time() - started
         record.backend_response_code = 101

@@ -30,7 +30,7 @@ import trio
 from .netio import SHARED_BUFFER, RawSocket, TLSSocket
 
 if TYPE_CHECKING:
-    from .relay import Pair, _Side
+    from .pairstate import PairSide, PairState
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -48,7 +48,7 @@ class _Leg:
 
     __slots__ = ("fd", "mask", "out", "pair", "peer", "pending", "scanned", "side", "sock", "tls")
 
-    def __init__(self, pair: Pair, side: _Side, peer: _Side) -> None:
+    def __init__(self, pair: PairState, side: PairSide, peer: PairSide) -> None:
         endpoint = side.endpoint
         self.pair = pair
         self.side = side
@@ -71,7 +71,7 @@ class Reactor:
         self._log = structlog.get_logger("wsgate.reactor")
 
     @staticmethod
-    def accepts(pair: Pair) -> bool:
+    def accepts(pair: PairState) -> bool:
         """Whether ``pair`` can be pumped here (any socket endpoints, no meter)."""
         return (
             isinstance(pair.client.endpoint, RawSocket | TLSSocket)
@@ -79,7 +79,7 @@ class Reactor:
             and pair.limiter is None
         )
 
-    def add(self, pair: Pair, client_initial: bytes, backend_initial: bytes) -> None:
+    def add(self, pair: PairState, client_initial: bytes, backend_initial: bytes) -> None:
         """Start pumping ``pair``; bytes read during the handshake go first."""
         client = _Leg(pair, pair.client, pair.backend)
         backend = _Leg(pair, pair.backend, pair.client)
@@ -97,7 +97,7 @@ class Reactor:
             if leg.tls is not None and leg.tls.buffered and leg.mask & _IN:
                 self._read(leg, now)
 
-    def remove(self, pair: Pair) -> None:
+    def remove(self, pair: PairState) -> None:
         """Stop pumping ``pair`` (idempotent); its owner then closes the sockets."""
         self._drop(pair)
 
@@ -171,8 +171,7 @@ class Reactor:
                 sent = 0
             except _BROKEN:
                 self._drop(pair)
-                leg.peer.gone = True
-                pair.source_ended(leg.peer)
+                pair.send_failed(leg.peer)
                 return False
             if sent < count:
                 # Hold the rest (copied: the buffer is shared) and stop reading
@@ -184,9 +183,7 @@ class Reactor:
                 self._watch(out)
                 return True
         # Only a protocol error or a close frame can change the pair's course.
-        if (scanner.error is not None or scanner.close_received) and not pair.scanned(
-            leg.side, count
-        ):
+        if scanner.stopped and not pair.scanned(leg.side, count):
             self._drop(pair)
             return False
         return True
@@ -203,8 +200,7 @@ class Reactor:
             return
         except _BROKEN:
             self._drop(out.pair)
-            out.side.gone = True
-            out.pair.source_ended(out.side)
+            out.pair.send_failed(out.side)
             return
         if not done:
             return
@@ -245,12 +241,12 @@ class Reactor:
         # collector does not see them: 40 pairs churning grew RSS 50 MiB.
         del leg.out
 
-    def _drop(self, pair: Pair) -> None:
+    def _drop(self, pair: PairState) -> None:
         for side in (pair.client, pair.backend):
             leg = self._legs.get(_fd(side))
             if leg is not None and leg.pair is pair:
                 self._forget(leg)
 
 
-def _fd(side: _Side) -> int:
+def _fd(side: PairSide) -> int:
     return side.endpoint.sock.fileno()

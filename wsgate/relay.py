@@ -4,7 +4,9 @@ A :class:`Pair` is owned by its client connection's task. :meth:`Pair.run`
 opens the pair's nursery holding the two pump tasks (and an idle watchdog), so
 the end of either side cancels everything deterministically; then it sends the
 gateway's own close frames (decided by :func:`wsgate.closing.close_plan`) and
-closes both legs.
+closes both legs. What a pair's course depends on (its sides, when a close
+handshake started, why it ended) is :class:`~wsgate.pairstate.PairState`,
+shared with the reactor engine.
 
 Per chunk the hot path is: ``recv_into`` the buffer shared by the process
 (:data:`wsgate.netio.SHARED_BUFFER`, and its rule), let the sans-io
@@ -21,18 +23,18 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from .closing import ABNORMAL, NO_STATUS, ClosePlan, End, close_plan
-from .errors import MessageTooBig
+from .closing import ClosePlan, End, close_plan, logged_close, owed_close
 from .frames import FrameScanner, build_close_frame
 from .logs import utc_now
 from .netio import PEER_GONE, SHARED_BUFFER, Endpoint
+from .pairstate import BACKEND, CLIENT, PairSide, PairState
 from .policy import MessageLimiter, PairStats
 
 if TYPE_CHECKING:
     from .reactor import Reactor
 
-CLIENT = "client"
-BACKEND = "backend"
+__all__ = ["BACKEND", "CLIENT", "Pair"]
+
 # Back-to-back full reads skip waiting for readability; yield to the scheduler
 # every few of them so one busy pair cannot starve the others.
 _FULL_READS_BEFORE_YIELD = 4
@@ -44,25 +46,8 @@ def _abort_at_once(_: object) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.SUCCEEDED
 
 
-class _Side:
-    """One leg of a pair and the scanner of the frames it sends."""
-
-    __slots__ = ("bytes_in", "closed", "endpoint", "gone", "held_back", "name", "scanner")
-
-    def __init__(self, name: str, endpoint: Endpoint, scanner: FrameScanner) -> None:
-        self.name = name
-        self.endpoint = endpoint
-        self.scanner = scanner  # frames *from* this side
-        self.bytes_in = 0
-        # Set when the gateway held back this side's last read (a rate limit):
-        # whether the bytes it did relay ended at a frame boundary.
-        self.held_back: bool | None = None
-        self.gone = False  # the connection broke: nothing more can be sent to it
-        self.closed = False  # the gateway closed it cleanly
-
-
-class Pair:
-    """A client connection paired with its backend connection.
+class Pair(PairState):
+    """A client connection paired with its backend connection, and the "tasks" engine.
 
     Live counters (``messages_from_client``...) may be read at any time, e.g.
     by the management API; :meth:`stop` ends the pair from outside.
@@ -87,44 +72,34 @@ class Pair:
         on_disconnect: Callable[[Pair, dict[str, Any]], None] | None = None,
         reactor: Reactor | None = None,
     ) -> None:
-        self.correlation_id = correlation_id
-        self.api = api
+        super().__init__(
+            correlation_id=correlation_id,
+            api=api,
+            client=PairSide(
+                CLIENT,
+                client,
+                FrameScanner(
+                    from_client=True, max_message_size=max_message_size, allow_rsv=allow_rsv
+                ),
+            ),
+            backend=PairSide(
+                BACKEND,
+                backend,
+                FrameScanner(
+                    from_client=False, max_message_size=max_message_size, allow_rsv=allow_rsv
+                ),
+            ),
+            close_timeout=close_timeout,
+            log=log,
+            limiter=limiter,
+        )
         self.caller_ip = caller_ip
-        self.client = _Side(
-            CLIENT,
-            client,
-            FrameScanner(from_client=True, max_message_size=max_message_size, allow_rsv=allow_rsv),
-        )
-        self.backend = _Side(
-            BACKEND,
-            backend,
-            FrameScanner(from_client=False, max_message_size=max_message_size, allow_rsv=allow_rsv),
-        )
         self.idle_timeout = idle_timeout
-        self.close_timeout = close_timeout
         self.connected_at = time.time()
-        self.last_activity = trio.current_time()
-        self.end: End | None = None
-        self._stop_reason: str | None = None
-        self._first_closer: _Side | None = None
-        # The nursery's own cancel scope, once run() has opened it (a scope of
-        # the pair's own would cost memory per pair).
-        self._scope: trio.CancelScope | None = None
-        self._gateway_log = log
         self._deadline = deadline  # trio time at which a policy ends the pair (1008)
         self._deadline_reason = deadline_reason
-        self.limiter = limiter
         self._reactor = reactor if reactor is not None and reactor.accepts(self) else None
         self._on_disconnect = on_disconnect
-
-    @property
-    def log(self) -> structlog.typing.FilteringBoundLogger:
-        """This pair's logger: the gateway's, bound to the connection.
-
-        Bound when something is logged rather than held: a bound logger costs
-        each idle pair about 280 bytes, and a pair logs once or twice.
-        """
-        return self._gateway_log.bind(correlation_id=self.correlation_id, api_id=self.api)
 
     @property
     def engine(self) -> str:
@@ -152,10 +127,6 @@ class Pair:
         """Bytes (frame headers included) read from the backend."""
         return self.backend.bytes_in
 
-    def fail(self) -> None:
-        """End the pair for an unexpected error in its pump (1011 to the client)."""
-        self.stop(End.INTERNAL_ERROR)
-
     def stats(self) -> PairStats:
         """What the pair has relayed so far."""
         return PairStats(
@@ -166,15 +137,7 @@ class Pair:
             duration=time.time() - self.connected_at,
         )
 
-    # -- control -------------------------------------------------------------------
-    def stop(self, end: End, reason: str | None = None) -> None:
-        """End the pair for ``end`` (the first reason given wins)."""
-        if self.end is None:
-            self.end = end
-            self._stop_reason = reason
-        if self._scope is not None:
-            self._scope.cancel()  # before run(), run() sees self.end and does not start
-
+    # -- the tasks engine ----------------------------------------------------------
     async def run(self, client_initial: bytes = b"", backend_initial: bytes = b"") -> None:
         """Relay until the pair ends, then close both legs. Never raises but Cancelled.
 
@@ -184,9 +147,9 @@ class Pair:
         cut = True  # until proven otherwise: an outer cancellation skips the goodbyes
         try:
             async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
+                self.scope = nursery.cancel_scope
                 if self.end is not None:
-                    self._scope.cancel()  # stopped before it ran (a drain)
+                    self.scope.cancel()  # stopped before it ran (a drain)
                 else:
                     if self.idle_timeout > 0:
                         nursery.start_soon(self._watch_idle)
@@ -219,11 +182,11 @@ class Pair:
             if cut:
                 self.end = End.ABORTED
                 self._abort_both()
-                self._log_disconnect(close_plan(self.end, reason=self._stop_reason))
+                self._log_disconnect(close_plan(self.end, reason=self.stop_reason))
         await self._finish()
 
     # -- the pumps -----------------------------------------------------------------
-    async def _pump(self, src: _Side, dst: _Side, initial: bytes) -> None:
+    async def _pump(self, src: PairSide, dst: PairSide, initial: bytes) -> None:
         if initial:
             src.bytes_in += len(initial)
             if not await self._forward(src, dst, memoryview(initial)):
@@ -272,14 +235,11 @@ class Pair:
                     if sent < count:
                         await out.send_all(buf[sent:count])
                 except PEER_GONE:
-                    dst.gone = True
-                    self.source_ended(dst)
+                    self.send_failed(dst)
                     return
             # An error or the answering close frame ends the pair: return now
             # rather than park once more only to be cancelled.
-            if (scanner.error is not None or scanner.close_received) and (
-                not self.scanned(src, count) or self.end is not None
-            ):
+            if scanner.stopped and (not self.scanned(src, count) or self.end is not None):
                 return
             if delay > 0:
                 await trio.sleep(delay)  # not reading is the backpressure
@@ -299,58 +259,16 @@ class Pair:
             self.stop(End.TERMINATED, "message rate limit exceeded")
         return delay
 
-    async def _forward(self, src: _Side, dst: _Side, data: memoryview) -> bool:
+    async def _forward(self, src: PairSide, dst: PairSide, data: memoryview) -> bool:
         """Scan and send ``data``; False when this direction must stop."""
         count = src.scanner.feed(data)
         if count:
             try:
                 await dst.endpoint.send_all(data[:count])
             except PEER_GONE:
-                dst.gone = True
-                self.source_ended(dst)
+                self.send_failed(dst)
                 return False
         return self.scanned(src, count)
-
-    def scanned(self, src: _Side, count: int) -> bool:
-        """Act on what the scanner saw in ``count`` forwarded bytes; False to stop.
-
-        Shared by both engines: the one place a protocol error, an oversize
-        message or a passing close frame changes the pair's course.
-        """
-        scanner = src.scanner
-        if scanner.error is not None:
-            too_big = isinstance(scanner.error, MessageTooBig)
-            if src is self.client:
-                end = End.CLIENT_MESSAGE_TOO_BIG if too_big else End.CLIENT_PROTOCOL_ERROR
-            else:
-                end = End.BACKEND_MESSAGE_TOO_BIG if too_big else End.BACKEND_PROTOCOL_ERROR
-            self.log.info("protocol_error", side=src.name, error=str(scanner.error))
-            self.stop(end)
-            return False
-        if scanner.close_received and count:
-            if self._first_closer is None:
-                self._first_closer = src
-                # The peer now has close_timeout to answer in kind.
-                assert self._scope is not None  # scanning happens inside run()
-                self._scope.deadline = trio.current_time() + self.close_timeout
-            else:
-                self.stop(
-                    End.CLIENT_CLOSED if self._first_closer is self.client else End.BACKEND_CLOSED
-                )
-        return True
-
-    def source_ended(self, side: _Side) -> None:
-        """``side``'s connection ended (EOF, reset or a failed send)."""
-        if self._first_closer is not None:
-            # A close handshake was under way: this is its (possibly abrupt) end.
-            self.stop(
-                End.CLIENT_CLOSED if self._first_closer is self.client else End.BACKEND_CLOSED
-            )
-            if not side.scanner.close_received:
-                side.gone = True
-            return
-        side.gone = True
-        self.stop(End.CLIENT_VANISHED if side is self.client else End.BACKEND_VANISHED)
 
     async def _watch_deadline(self) -> None:
         assert self._deadline is not None
@@ -375,7 +293,7 @@ class Pair:
         than waiting on both at once.
         """
         end = self.end or End.INTERNAL_ERROR
-        plan = close_plan(end, reason=self._stop_reason)
+        plan = close_plan(end, reason=self.stop_reason)
         try:
             with trio.move_on_after(self.close_timeout) as scope:
                 scope.shield = True  # even when draining is cancelling us, say goodbye
@@ -400,7 +318,15 @@ class Pair:
 
     def _log_disconnect(self, plan: ClosePlan) -> None:
         end = self.end or End.INTERNAL_ERROR
-        closed_by, code, reason = self._outcome(end, plan.closed_by, plan.to_client)
+        closer = self.first_closer
+        closed_by, code, reason = logged_close(
+            end,
+            plan,
+            closer=None if closer is None else closer.name,
+            closer_code=None if closer is None else closer.scanner.close_code,
+            closer_reason="" if closer is None else closer.scanner.close_reason,
+            stop_reason=self.stop_reason,
+        )
         record: dict[str, Any] = {
             "timestamp": utc_now(),
             "correlation_id": self.correlation_id,
@@ -419,25 +345,28 @@ class Pair:
         if self._on_disconnect is not None:
             self._on_disconnect(self, record)
 
-    async def _say_goodbye(self, side: _Side, partner: _Side, code: int | None, why: str) -> bool:
+    async def _say_goodbye(
+        self, side: PairSide, partner: PairSide, code: int | None, why: str
+    ) -> bool:
         """Give ``side`` a close frame if it is owed one, then our FIN; False to abort it."""
         if side.gone:
             return False  # aborted by _finish
-        frame: bytes | None = None
         # What of the partner's stream reached this side: all its scanner saw,
         # unless its last read was held back.
         if partner.held_back is None:
             close_passed, at_boundary = partner.scanner.close_received, partner.scanner.at_boundary
         else:
             close_passed, at_boundary = False, partner.held_back
-        if not close_passed:  # no close frame reached this side yet
-            if side.scanner.close_received and side.held_back is None:
-                # It started a close handshake its partner never answered: answer it.
-                # (Not when the read carrying it was held back: the gateway ended
-                # the pair before relaying it, and says why with its own code.)
-                frame = build_close_frame(side.scanner.close_code, "", mask=side is self.backend)
-            elif code is not None:
-                frame = build_close_frame(code, why, mask=side is self.backend)
+        owed = owed_close(
+            code,
+            why,
+            close_reached=close_passed,
+            # Not when the read carrying its close frame was held back: the gateway
+            # ended the pair before relaying it, and says why with its own code.
+            unanswered=side.scanner.close_received and side.held_back is None,
+            their_code=side.scanner.close_code,
+        )
+        frame = None if owed is None else build_close_frame(*owed, mask=side is self.backend)
         # Our own frame may only start where the partner's last frame ended.
         if frame is not None and (side.endpoint.dirty or not at_boundary):
             return False  # aborted by _finish
@@ -451,7 +380,7 @@ class Pair:
             return False
         return True
 
-    async def _await_peer_and_close(self, side: _Side) -> None:
+    async def _await_peer_and_close(self, side: PairSide) -> None:
         """Read what ``side`` still sends until it is done, then close its connection."""
         linger, enough = self.close_timeout, None
         if side is self.client:
@@ -470,12 +399,3 @@ class Pair:
             side.closed = True
         except PEER_GONE:
             pass
-
-    def _outcome(self, end: End, closed_by: str, gateway_code: int | None) -> tuple[str, int, str]:
-        closer = self._first_closer
-        if end in (End.CLIENT_CLOSED, End.BACKEND_CLOSED, End.CLOSE_TIMEOUT) and closer:
-            code = closer.scanner.close_code
-            return closer.name, NO_STATUS if code is None else code, closer.scanner.close_reason
-        if end in (End.CLIENT_VANISHED, End.BACKEND_VANISHED):
-            return closed_by, ABNORMAL, end.value
-        return closed_by, gateway_code or ABNORMAL, self._stop_reason or end.value

@@ -11,7 +11,6 @@ every endpoint with curl.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hmac
 import json
 import time
@@ -26,8 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from wsgate.console import web_routes
+from wsgate.closing import TERMINATE_CODE
+from wsgate.logs import utc_iso
 
+from .console_routes import web_routes
 from .manager import KEYS, Invalid, ManagementError, Manager, NotFound, problem
 from .openapi import openapi_document
 from .settings import TOKEN_ENV
@@ -62,19 +63,14 @@ def _errors(status: int, problems: list[dict[str, Any]], **headers: str) -> JSON
     return JSONResponse({"errors": problems}, status_code=status, headers=headers or None)
 
 
-def _iso(timestamp: float) -> str:
-    when = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
-
-
 def connection_json(pair: Pair, now: float, trio_now: float) -> dict[str, Any]:
     """One open pair as ``GET /connections`` lists it."""
     return {
         "id": pair.correlation_id,
         "api": pair.api,
         "caller_ip": pair.caller_ip,
-        "connected_since": _iso(pair.connected_at),
-        "last_activity": _iso(now - max(0.0, trio_now - pair.last_activity)),
+        "connected_since": utc_iso(pair.connected_at),
+        "last_activity": utc_iso(now - max(0.0, trio_now - pair.last_activity)),
         "messages_from_client": pair.messages_from_client,
         "messages_from_backend": pair.messages_from_backend,
         "bytes_from_client": pair.bytes_from_client,
@@ -241,7 +237,9 @@ class _Admin:
             reason = body.get("reason") or reason
         if not self.gateway.terminate(correlation_id, reason):
             raise NotFound([problem(None, f"no open connection {correlation_id!r}")])
-        return JSONResponse({"terminated": correlation_id, "code": 1008, "reason": reason})
+        return JSONResponse(
+            {"terminated": correlation_id, "code": TERMINATE_CODE, "reason": reason}
+        )
 
     # -- reload --------------------------------------------------------------------
     async def reload(self, _request: Request) -> Response:
