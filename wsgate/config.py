@@ -44,6 +44,7 @@ import attrs
 import structlog
 
 from wsgate.admin.settings import AdminConfig
+from wsgate.cluster.settings import ClusterConfig
 from wsgate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ __all__ = [
     "ApiConfig",
     "BackendURL",
     "BasePlacement",
+    "ClusterConfig",
     "Config",
     "GatewayConfig",
     "KeyedValueError",
@@ -682,6 +684,8 @@ class Config:
     )
     #: The admin listener (management API, metrics, health); None: not started.
     admin: AdminConfig | None = None
+    #: Redis shared by every unit for the limits policies; None: counters in memory.
+    cluster: ClusterConfig | None = None
     source: Path | None = None
     _derived: dict[Hashable, Any] = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
@@ -931,6 +935,13 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "tls": _table(TLSConfig),
         "state_file": _FILE,
     },
+    ClusterConfig: {
+        "redis_url": _SECRET,
+        "key_prefix": _STR,
+        "timeout": _NUMBER,
+        "on_unavailable": _STR,
+        "lease_ttl": _NUMBER,
+    },
     GatewayConfig: {
         "listen": _LISTEN,
         "max_connections": _INT,
@@ -978,6 +989,7 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
     Config: {
         "gateway": _table(GatewayConfig),
         "admin": _table(AdminConfig),
+        "cluster": _table(ClusterConfig),
         "apis": _tables(ApiConfig),
         "products": _tables(ProductConfig),
         "subscriptions": _tables(SubscriptionConfig),

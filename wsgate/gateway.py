@@ -35,6 +35,8 @@ import trio
 
 from .backend import open_backend
 from .closing import End
+from .cluster.redis import RedisClient
+from .cluster.store import CounterStore, MemoryStore, RedisStore, counter_names
 from .config import ApiConfig, Config, Listen
 from .errors import BackendRejected, BackendTimeout, HandshakeRejected, out_of_fds
 from .handshake import (
@@ -176,6 +178,14 @@ class Gateway:
         self._policy_state: dict[
             int, tuple[object, Any]
         ] = {}  # rate-limit counters etc., by policy
+        # Where the limits policies count: memory, or Redis with [cluster].
+        self._cluster: RedisStore | None = None
+        self._counters: CounterStore = MemoryStore(self._policy_state)
+        if config.cluster is not None:
+            self._cluster = RedisStore(
+                RedisClient(config.cluster), counter_names(config, self._policies)
+            )
+            self._counters = self._cluster
         self._handshaking = 0
         self._draining = False
         self._addresses: list[tuple[str, int]] = []
@@ -224,6 +234,10 @@ class Gateway:
             old.relay_engine,
         ):
             raise ValueError("listen, tls and relay_engine cannot change while the gateway runs")
+        if config.cluster != self.config.cluster:
+            raise ValueError("[cluster] cannot change while the gateway runs")
+        if self._cluster is not None:
+            self._cluster.names = counter_names(config, self._policies)
         self._router = Router(config.apis)
         self._limiter.total_tokens = config.gateway.max_connections
         self._secret_query = self._secret_query_names(config)
@@ -291,6 +305,8 @@ class Gateway:
             async with trio.open_nursery() as engine:
                 if self._reactor is not None:
                     await engine.start(self._reactor.run)
+                if self._cluster is not None:
+                    await engine.start(self._cluster.run)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     with self._accepting:
@@ -307,6 +323,8 @@ class Gateway:
                             )
                             task_status.started(self)
                 # Every pair has ended: the pump has nothing left to serve.
+                if self._cluster is not None:
+                    await self._cluster.flush()  # their leases, at once
                 engine.cancel_scope.cancel()
         finally:
             for listener in listeners:
@@ -562,6 +580,7 @@ class Gateway:
                 if header[0] not in access.drop_headers
             ],
             states=self._policy_state,
+            counter_store=self._counters,
             product=access.product,
             subscription=access.subscription,
         )

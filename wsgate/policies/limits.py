@@ -16,8 +16,14 @@ message-rate-limit     :class:`TokenBucket`   messages/bytes per second on one p
                                               delay the sender or close with 1008
 =====================  =====================  ==========================================
 
-Handshake counters use ``trio.current_time()`` (monotonic): they restart with
-the gateway, and a wall-clock change does not move them.
+The policies count through the context's counter store
+(:mod:`wsgate.cluster.store`): in this process by default, where handshake
+counters use ``trio.current_time()`` (monotonic: they restart with the
+gateway, and a wall-clock change does not move them); with a ``[cluster]``
+table, in Redis, on its clock, shared by every unit (docs/cluster.md). When
+Redis does not answer in time, ``on_unavailable`` ("closed": 503 with
+Retry-After; "open": admit uncounted) applies, set on the policy or else on
+the table.
 
 Memory is bounded. A sliding log keeps at most ``calls`` timestamps per key, a
 window two integers per key, and both keep at most ``max_keys`` keys
@@ -35,14 +41,17 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
-import trio
 
+from ..cluster.settings import on_unavailable
 from ..config import KeyedValueError
-from ..errors import HandshakeRejected
+from ..errors import ClusterUnavailable, HandshakeRejected
 from ..policy import HandshakeContext, MessageLimiter, PairStats, register, valid_key_spec
+
+if TYPE_CHECKING:
+    from ..cluster.store import CounterStore
 
 __all__ = [
     "MAX_KEYS",
@@ -328,6 +337,32 @@ def _by_key(ctx: HandshakeContext, spec: str) -> str:
     return key
 
 
+def _store(ctx: HandshakeContext) -> CounterStore:
+    """The context's counter store; a context built by hand counts in its ``states``."""
+    store: CounterStore | None = ctx.counter_store
+    if store is None:
+        from ..cluster.store import MemoryStore  # it imports this module's counters
+
+        store = ctx.counter_store = MemoryStore(ctx.states)
+    return store
+
+
+def _unavailable(policy: Any, ctx: HandshakeContext) -> None:
+    """Redis did not answer: refuse with 503 ("closed") or admit uncounted ("open")."""
+    mode = policy.on_unavailable or getattr(ctx.counter_store, "on_unavailable", "closed")
+    if mode == "open":
+        # The handshake's own log record says so; the outage is logged once by the client.
+        ctx.log_fields["cluster_unavailable"] = policy.policy_name
+        return
+    raise HandshakeRejected(
+        503,
+        "Limits cannot be checked right now. Try again in 1 seconds.",
+        reason="ClusterUnavailable",
+        headers=[("Retry-After", "1")],
+        source=policy.policy_name,
+    )
+
+
 # --- rate limits ------------------------------------------------------------------------
 
 
@@ -335,15 +370,24 @@ def _by_key(ctx: HandshakeContext, spec: str) -> str:
 class _RateLimitBase:
     policy_name: ClassVar[str]
 
+    #: Counts across handshakes: with --workers N it needs [cluster] to be exact.
+    counts_handshakes: ClassVar[bool] = True
+
     calls: int = attrs.field(validator=_positive_int)
     renewal_period: float = attrs.field(validator=_positive)
+    on_unavailable: str | None = attrs.field(default=None, validator=on_unavailable)
 
     def _counter_key(self, ctx: HandshakeContext) -> str:
         raise NotImplementedError
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
-        log = ctx.state(self, lambda: SlidingLog(self.calls, self.renewal_period))
-        wait = log.hit(self._counter_key(ctx), trio.current_time())
+        store = _store(ctx)
+        try:
+            wait = await store.sliding_log(
+                self, self._counter_key(ctx), self.calls, self.renewal_period
+            )
+        except ClusterUnavailable:
+            return _unavailable(self, ctx)
         if wait:
             retry = _retry_after(wait)
             raise HandshakeRejected(
@@ -383,9 +427,12 @@ class RateLimitByKey(_RateLimitBase):
 class _QuotaBase:
     policy_name: ClassVar[str]
 
+    counts_handshakes: ClassVar[bool] = True
+
     calls: int | None = attrs.field(default=None, validator=_positive_int)
     bandwidth: int | None = attrs.field(default=None, validator=_positive_int)
     renewal_period: float = attrs.field(validator=_positive)
+    on_unavailable: str | None = attrs.field(default=None, validator=on_unavailable)
 
     def __attrs_post_init__(self) -> None:
         if self.calls is None and self.bandwidth is None:
@@ -395,11 +442,14 @@ class _QuotaBase:
         raise NotImplementedError
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
-        window = ctx.state(
-            self, lambda: FixedWindow(self.calls, self.bandwidth, self.renewal_period)
-        )
+        store = _store(ctx)
         key = self._counter_key(ctx)
-        wait = window.call(key, trio.current_time())
+        try:
+            wait = await store.fixed_window(
+                self, key, self.calls, self.bandwidth, self.renewal_period
+            )
+        except ClusterUnavailable:
+            return _unavailable(self, ctx)
         if wait:
             retry = _retry_after(wait)
             raise HandshakeRejected(
@@ -413,7 +463,7 @@ class _QuotaBase:
 
             def charge(stats: PairStats) -> None:
                 relayed = stats.bytes_from_client + stats.bytes_from_backend
-                window.add_bytes(key, relayed, trio.current_time())
+                store.charge_bytes(self, key, relayed, self.renewal_period)
 
             ctx.on_close(charge)
 
@@ -448,13 +498,18 @@ class LimitConcurrency:
     """At most ``max_count`` open connections per ``counter_key`` (default: per API)."""
 
     policy_name: ClassVar[str]
+    counts_handshakes: ClassVar[bool] = True
 
     max_count: int = attrs.field(validator=_positive_int)
     counter_key: str = attrs.field(default="api", validator=_key_spec)
+    on_unavailable: str | None = attrs.field(default=None, validator=on_unavailable)
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
-        slots = ctx.state(self, lambda: Slots(self.max_count))
-        release = slots.acquire(_by_key(ctx, self.counter_key))
+        store = _store(ctx)
+        try:
+            release = await store.acquire(self, _by_key(ctx, self.counter_key), self.max_count)
+        except ClusterUnavailable:
+            return _unavailable(self, ctx)
         if release is None:
             raise HandshakeRejected(
                 429,
