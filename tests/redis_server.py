@@ -59,22 +59,16 @@ class RedisServer:
                 "redis-server not found: `make test` installs it as root "
                 "(apt-get install -y redis-server)"
             )
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",  # nothing on disk: a restart starts empty
+            "appendonly": "no",
+            "dir": str(self.dir),
+            "logfile": str(self.dir / "redis.log"),
+        }
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                "--logfile",
-                str(self.dir / "redis.log"),
-            ],  # fmt: skip
+            [binary, *(arg for key, value in options.items() for arg in (f"--{key}", value))],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -24,6 +25,13 @@ from .redis_server import RedisServer
 
 POLICY = object()
 NAMES = {id(POLICY): "test:0:unit"}  # the name tests/cluster_unit.py uses too
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns a true value (the caller bounds the wait)."""
+    while not (result := await check()):  # noqa: ASYNC110
+        await trio.sleep(interval)
+    return result
 
 
 async def start_store(nursery: trio.Nursery, url: str, **settings: float | str) -> RedisStore:
@@ -66,9 +74,8 @@ async def test_fixed_window_counts_calls_and_bytes(store: CounterStore) -> None:
     # Bytes: a window whose bandwidth is spent refuses the next call.
     assert await store.fixed_window(POLICY, "b", None, 100, 60) == 0
     store.charge_bytes(POLICY, "b", 150, 60)
-    with trio.fail_after(5):
-        while not await store.fixed_window(POLICY, "b", None, 100, 60):
-            await trio.sleep(0.01)  # the Redis store charges in the background
+    with trio.fail_after(5):  # the Redis store charges in the background
+        await eventually(lambda: store.fixed_window(POLICY, "b", None, 100, 60))
 
 
 async def test_fixed_window_renews(store: CounterStore) -> None:
@@ -86,9 +93,8 @@ async def test_slots_are_taken_and_given_back(store: CounterStore) -> None:
     assert await store.acquire(POLICY, "b", 2) is not None
     first()
     first()  # idempotent: the slot is given back once
-    with trio.fail_after(5):
-        while (third := await store.acquire(POLICY, "a", 2)) is None:
-            await trio.sleep(0.01)  # the Redis store releases in the background
+    with trio.fail_after(5):  # the Redis store releases in the background
+        third = await eventually(lambda: store.acquire(POLICY, "a", 2))
     assert await store.acquire(POLICY, "a", 2) is None
     second()
     third()
@@ -162,13 +168,17 @@ async def test_a_killed_unit_loses_its_leases_within_lease_ttl(
         await holder.wait()
         killed = trio.current_time()
         with trio.fail_after(ttl + 5):  # generous: the bound checked is lease_ttl (+1 s)
-            while await store.acquire(POLICY, "k", 3) is None:
-                await trio.sleep(0.05)
+            await eventually(lambda: store.acquire(POLICY, "k", 3))
         assert trio.current_time() - killed <= ttl + 1
     finally:
         if holder.returncode is None:
             holder.kill()
         await holder.wait()
+
+
+async def zcard(server: RedisServer, expected: int) -> bool:
+    """Whether the test counter's lease set holds ``expected`` leases."""
+    return server.call("ZCARD", "wsgate:conc:test:0:unit:k") == f":{expected}\r\n".encode()
 
 
 # --- faults: this test's own Redis, stopped, paused, restarted ------------------------------
@@ -237,14 +247,12 @@ async def test_held_leases_come_back_after_redis_lost_them(
     assert release is not None
     own_redis.kill()
     own_redis.start()  # empty: the lease is gone from Redis, but the pair is still open
-    with trio.fail_after(ttl + 10):
-        while own_redis.call("ZCARD", "wsgate:conc:test:0:unit:k") != b":1\r\n":
-            await trio.sleep(0.1)  # the keeper re-asserts what it holds
+    with trio.fail_after(ttl + 10):  # the keeper re-asserts what it holds
+        await eventually(lambda: zcard(own_redis, 1))
     assert await store.acquire(POLICY, "k", 1) is None
     release()
     with trio.fail_after(5):
-        while (again := await store.acquire(POLICY, "k", 1)) is None:
-            await trio.sleep(0.05)
+        again = await eventually(lambda: store.acquire(POLICY, "k", 1))
     again()
 
 
@@ -259,5 +267,4 @@ async def test_a_release_that_fails_is_retried(
     await trio.sleep(0.5)
     own_redis.resume()
     with trio.fail_after(10):
-        while own_redis.call("ZCARD", "wsgate:conc:test:0:unit:k") != b":0\r\n":
-            await trio.sleep(0.1)
+        await eventually(lambda: zcard(own_redis, 0))
