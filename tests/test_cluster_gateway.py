@@ -1,0 +1,311 @@
+"""[cluster] through running gateways: several units share one real Redis.
+
+Units are separate Gateway objects on their own ports (one process), or
+``wsgate serve --workers 2`` processes. Fault tests stop or pause their own
+redis-server. Timing is bounded from above only, with wide margins.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+import wsgate
+from wsgate.cli import main
+from wsgate.cluster.store import counter_names
+from wsgate.config import parse_config
+from wsgate.errors import ConfigError
+
+from .helpers import RawClient, Response
+from .redis_server import RedisServer, free_port
+from .test_workers import Lines
+
+
+def config(
+    backend_url: str, redis_url: str, policies: list[dict[str, Any]], **cluster: Any
+) -> dict[str, Any]:
+    return {
+        "gateway": {"listen": "127.0.0.1:0"},
+        "cluster": {"redis_url": redis_url, **cluster},
+        "apis": [
+            {"name": "echo", "path": "echo", "service_url": backend_url, "policies": policies}
+        ],
+    }
+
+
+async def units(nursery: trio.Nursery, document: dict[str, Any], count: int) -> list[int]:
+    """Start ``count`` gateways, each from its own parse of ``document``; their ports."""
+    ports = []
+    for _ in range(count):
+        gateway: wsgate.Gateway = await nursery.start(wsgate.Gateway(parse_config(document)).run)
+        ports.append(gateway.addresses[0][1])
+    return ports
+
+
+async def handshake(port: int, headers: Any = None) -> Response:
+    client = await RawClient.connect(port, "/echo", headers)
+    await client.aclose()
+    assert client.response is not None
+    return client.response
+
+
+RATE = {"policy": "rate-limit", "calls": 3, "renewal_period": 60}
+
+
+async def test_two_units_share_one_rate_limit(
+    nursery: trio.Nursery, echo_url: str, redis_url: str, redis_server: RedisServer
+) -> None:
+    ports = await units(nursery, config(echo_url, redis_url, [RATE]), 2)
+    responses = [await handshake(ports[i % 2]) for i in range(12)]
+    assert [r.status for r in responses] == [101] * 3 + [429] * 9
+    assert all(59 <= int(r.header("retry-after") or 0) <= 60 for r in responses[3:])
+    # One key per policy place and counter key; it expires with its window.
+    ttl = redis_server.call("PTTL", "wsgate:rate:api:echo:0:rate-limit:ip:127.0.0.1")
+    assert 0 < int(ttl.strip()[1:]) <= 60_000
+
+
+async def test_parallel_bursts_on_three_units_admit_exactly_calls_per_key(
+    nursery: trio.Nursery, echo_url: str, redis_url: str
+) -> None:
+    policies = [
+        {
+            "policy": "rate-limit-by-key",
+            "calls": 5,
+            "renewal_period": 60,
+            "counter_key": "header:x-t",
+        },
+        {"policy": "quota-by-key", "calls": 4, "renewal_period": 60, "counter_key": "header:x-q"},
+    ]
+    ports = await units(nursery, config(echo_url, redis_url, policies), 3)
+    statuses: dict[str, list[int]] = {"a": [], "b": [], "q": []}
+
+    async def one(i: int, tenant: str, quota: str) -> None:
+        response = await handshake(ports[i % 3], [("X-T", tenant), ("X-Q", quota)])
+        statuses[tenant if quota == "shared" else "q"].append(response.status)
+
+    async with trio.open_nursery() as burst:
+        for i in range(12):
+            burst.start_soon(one, i, "a", "shared")
+            burst.start_soon(one, i, "b", f"own-{i}")
+    # Tenant a: 5 by its rate limit, of which the shared quota (4) admits 4.
+    assert sorted(statuses["a"]) == [101] * 4 + [403] + [429] * 7
+    # Tenant b: 5 by its rate limit, each with a quota of its own.
+    assert sorted(statuses["q"]) == [101] * 5 + [429] * 7
+
+
+async def test_limit_concurrency_across_units(
+    nursery: trio.Nursery, echo_url: str, redis_url: str
+) -> None:
+    policy = {"policy": "limit-concurrency", "max_count": 2}
+    ports = await units(nursery, config(echo_url, redis_url, [policy]), 2)
+    first = await RawClient.connect(ports[0])
+    second = await RawClient.connect(ports[1])
+    assert first.response and first.response.status == 101
+    assert second.response and second.response.status == 101
+    assert (await handshake(ports[0])).status == 429
+    assert (await handshake(ports[1])).status == 429
+    await first.close()
+    await first.receive_close()
+    await first.aclose()
+    with trio.fail_after(10):
+        while (response := await handshake(ports[1])).status != 101:
+            assert response.status == 429
+            await trio.sleep(0.05)  # the lease goes back when the pair's end is processed
+    await second.aclose()
+
+
+@pytest.mark.parametrize(
+    ("table", "policy", "expected"),
+    [
+        ("closed", None, 503),
+        ("open", None, 101),
+        ("closed", "open", 101),
+        ("open", "closed", 503),
+    ],
+)
+async def test_paused_redis_is_answered_within_timeout(
+    nursery: trio.Nursery,
+    echo_url: str,
+    own_redis: RedisServer,
+    table: str,
+    policy: str | None,
+    expected: int,
+) -> None:
+    rate = {**RATE, **({"on_unavailable": policy} if policy else {})}
+    document = config(echo_url, own_redis.url, [rate], timeout=0.3, on_unavailable=table)
+    [port] = await units(nursery, document, 1)
+    assert (await handshake(port)).status == 101
+    own_redis.pause()
+    try:
+        with capture_logs() as logs:
+            for _ in range(4):
+                started = trio.current_time()
+                response = await handshake(port)
+                assert trio.current_time() - started < 0.3 + 1.0  # timeout, wide margin
+                assert response.status == expected
+                if expected == 503:
+                    assert response.header("retry-after") == "1"
+    finally:
+        own_redis.resume()
+    events = [record["event"] for record in logs]
+    assert events.count("cluster_redis_unavailable") == 1
+    handshakes = [record for record in logs if record["event"] == "handshake"]
+    if expected == 503:
+        assert {r["last_error_reason"] for r in handshakes} == {"ClusterUnavailable"}
+    else:
+        assert {r.get("cluster_unavailable") for r in handshakes} == {"rate-limit"}
+
+
+async def test_redis_gone_then_back(
+    nursery: trio.Nursery, echo_url: str, own_redis: RedisServer
+) -> None:
+    document = config(echo_url, own_redis.url, [RATE], timeout=0.5)
+    [port] = await units(nursery, document, 1)
+    assert (await handshake(port)).status == 101
+    own_redis.kill()
+    started = trio.current_time()
+    assert (await handshake(port)).status == 503
+    assert trio.current_time() - started < 0.5 + 1.0
+    own_redis.start()  # empty: the window starts again
+    with trio.fail_after(10):
+        while (response := await handshake(port)).status == 503:  # noqa: ASYNC110
+            await trio.sleep(0.1)  # until the next probe reaches it
+    assert response.status == 101
+    assert [(await handshake(port)).status for _ in range(3)] == [101, 101, 429]
+
+
+@pytest.mark.deadline(90)
+async def test_two_workers_with_cluster_admit_exactly_3_of_12(
+    echo_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        f'[gateway]\nlisten = "127.0.0.1:0"\n\n[cluster]\nredis_url = "{redis_url}"\n\n'
+        f'[[apis]]\nname = "echo"\npath = "echo"\nservice_url = "{echo_url}"\n'
+        'policies = [{ policy = "rate-limit", calls = 3, renewal_period = 60 }]\n'
+    )
+    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(path), "--workers", "2"]
+    process = await trio.lowlevel.open_process(command, stdout=-1)
+    assert process.stdout is not None
+    lines = Lines(process.stdout)
+    try:
+        address = (await lines.until(lambda r: r["event"] == "workers_started"))["address"]
+        port = int(address.rsplit(":", 1)[1])
+        for worker in (0, 1):
+            await lines.until(
+                lambda r, w=worker: r["event"] == "gateway_started" and r.get("worker") == w
+            )
+        statuses = [(await handshake(port)).status for _ in range(12)]
+        assert sorted(statuses) == [101] * 3 + [429] * 9
+        await lines.until(lambda _: sum(r["event"] == "handshake" for r in lines.seen) >= 12)
+        served = {r.get("worker") for r in lines.seen if r["event"] == "handshake"}
+        assert served == {0, 1}, "both workers counted (SO_REUSEPORT spreads the 12)"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
+
+
+def test_workers_without_cluster_refuse_to_start_naming_the_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[[apis]]\nname = "echo"\npath = "echo"\nservice_url = "ws://127.0.0.1:9"\n'
+        'policies = [{ policy = "check-header", name = "x" },'
+        ' { policy = "limit-concurrency", max_count = 1 }]\n'
+    )
+    assert main(["serve", "--config", str(path), "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "'limit-concurrency' (apis[0].policies[1])" in err
+    assert "[cluster]" in err and "--workers 1" in err
+    assert "check-header" not in err
+
+
+def test_check_validates_cluster_without_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.toml"
+    nobody = free_port()  # nothing listens there: check must not care
+    path.write_text(f'[cluster]\nredis_url = "redis://127.0.0.1:{nobody}/0"\ntimeout = 0.1\n')
+    assert main(["check", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    path.write_text(
+        '[cluster]\nredis_url = "http://:hunter2-secret@h/0"\ntimeout = 0\n'
+        'on_unavailable = "maybe"\nlease_ttl = 0.1\nprefix = "x"\n'
+    )
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{path}: cluster.redis_url: scheme must be redis, rediss or unix, got 'http'",
+        f"{path}: cluster.timeout: must be a finite number > 0, got 0.0",
+        f"{path}: cluster.on_unavailable: must be 'closed' or 'open', got 'maybe'",
+        f"{path}: cluster.lease_ttl: must be >= 1 (seconds), got 0.1",
+        f"{path}: cluster.prefix: unknown key (did you mean 'key_prefix'?)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://", "URL has no host"),
+        ("redis://h:99999/0", "invalid URL: Port out of range 0-65535"),
+        ("redis://h/zero", "database must be a number (redis://host:6379/0), got 'zero'"),
+        ("unix://", "a unix:// URL needs a socket path (unix:///run/redis.sock)"),
+        ("127.0.0.1:6379", "expected a redis://, rediss:// or unix:// URL"),
+        ("redis://h/0#x", "must not have a fragment ('#...')"),
+        ("redis://h /0", "must not contain whitespace or control characters"),
+    ],
+)
+def test_bad_redis_urls(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"cluster": {"redis_url": url}})
+    assert info.value.problems == [f"<config>: cluster.redis_url: {reason}"]
+
+
+def test_redis_url_from_the_environment_and_never_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGATE_TEST_REDIS", "rediss://:pw-0123456789@cache.internal:6380/2")
+    cfg = parse_config({"cluster": {"redis_url": {"env": "WSGATE_TEST_REDIS"}}})
+    assert cfg.cluster is not None
+    assert cfg.cluster.redis_url.startswith("rediss://")
+    assert "pw-0123456789" not in repr(cfg)
+    assert cfg.cluster.display_url == "rediss://:***@cache.internal:6380/2"
+    for url in ("unix:///run/redis.sock?db=1", "redis://h:6379", "redis://user:pw@h/15"):
+        assert parse_config({"cluster": {"redis_url": url}}).cluster is not None
+
+
+def test_counter_names_are_stable_across_parses() -> None:
+    document = {
+        "gateway": {"policies": [RATE]},
+        "products": [{"id": "gold", "policies": [{**RATE, "calls": 9}]}],
+        "apis": [
+            {
+                "name": "echo",
+                "path": "echo",
+                "service_url": "ws://127.0.0.1:9",
+                "products": ["gold"],
+                "policies": [{"policy": "check-header", "name": "x"}, RATE],
+            }
+        ],
+    }
+    first, second = parse_config(document), parse_config(document)
+    assert (
+        sorted(counter_names(first).values())
+        == sorted(counter_names(second).values())
+        == [
+            "api:echo:0:check-header",
+            "api:echo:1:rate-limit",
+            "global:0:rate-limit",
+            "product:gold:0:rate-limit",
+        ]
+    )
