@@ -21,6 +21,7 @@ from wsgate.cli import main
 from wsgate.cluster.store import counter_names
 from wsgate.config import parse_config
 from wsgate.errors import ConfigError
+from wsgate.metrics import GatewayMetrics
 
 from .helpers import RawClient, Response
 from .redis_server import RedisServer, free_port
@@ -180,6 +181,22 @@ async def test_redis_gone_then_back(
     assert [(await handshake(port)).status for _ in range(3)] == [101, 101, 429]
 
 
+async def test_redis_errors_are_counted_in_the_metrics(
+    nursery: trio.Nursery, echo_url: str, own_redis: RedisServer
+) -> None:
+    metrics = GatewayMetrics()
+    document = config(echo_url, own_redis.url, [RATE], timeout=0.3)
+    gateway = wsgate.Gateway(parse_config(document), observers=[metrics])
+    metrics.attach(gateway)
+    await nursery.start(gateway.run)
+    port = gateway.addresses[0][1]
+    assert (await handshake(port)).status == 101
+    assert b"wsgate_cluster_redis_errors_total 0.0" in metrics.exposition()
+    own_redis.kill()
+    assert (await handshake(port)).status == 503
+    assert b"wsgate_cluster_redis_errors_total 1.0" in metrics.exposition()
+
+
 @pytest.mark.deadline(90)
 async def test_two_workers_with_cluster_admit_exactly_3_of_12(
     echo_url: str, redis_url: str, tmp_path: Path
@@ -202,7 +219,7 @@ async def test_two_workers_with_cluster_admit_exactly_3_of_12(
                 lambda r, w=worker: r["event"] == "gateway_started" and r.get("worker") == w
             )
         statuses = [(await handshake(port)).status for _ in range(12)]
-        assert sorted(statuses) == [101] * 3 + [429] * 9
+        assert sorted(statuses) == [101] * 3 + [429] * 9, statuses
         await lines.until(lambda _: sum(r["event"] == "handshake" for r in lines.seen) >= 12)
         served = {r.get("worker") for r in lines.seen if r["event"] == "handshake"}
         assert served == {0, 1}, "both workers counted (SO_REUSEPORT spreads the 12)"

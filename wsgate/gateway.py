@@ -216,6 +216,11 @@ class Gateway:
         return f"{'wss' if self._server_ssl else 'ws'}://{host}:{port}"
 
     @property
+    def cluster(self) -> RedisStore | None:
+        """The Redis counter store shared with the other units ([cluster]), if any."""
+        return self._cluster
+
+    @property
     def pairs(self) -> Mapping[str, Pair]:
         """Open pairs by correlation id (a live, read-only view)."""
         return self._pairs

@@ -134,7 +134,9 @@ class GatewayMetrics:
     def collect(self) -> Iterable[Metric]:
         """Every metric, with open pairs' counts added at this moment."""
         families = self._families()
-        attempts, active, capacity, in_progress, messages, nbytes, hs, backend, closes = families
+        attempts, active, capacity, in_progress, messages, nbytes, hs, backend, closes, redis = (
+            families
+        )
         for (api, code), count in sorted(self._attempts.items()):
             attempts.add_metric([api, code], count)
         for (api, closed_by, code), count in sorted(self._closes.items()):
@@ -162,6 +164,8 @@ class GatewayMetrics:
                             message_totals[key] = message_totals.get(key, 0) + count
                     key3 = (api, source, destination)
                     byte_totals[key3] = byte_totals.get(key3, 0) + count_bytes
+            if gateway.cluster is not None:
+                redis.add_metric([], gateway.cluster.client.errors)
             stats = gateway.stats()
             capacity.add_metric([], open_pairs / stats.capacity if stats.capacity else 0.0)
             in_progress.add_metric([], stats.handshakes_in_progress)
@@ -225,6 +229,10 @@ class GatewayMetrics:
                 "wsgate_closes",
                 "Pairs ended, by API, who closed first and the close code logged.",
                 labels=["api", "closed_by", "code"],
+            ),
+            CounterMetricFamily(
+                "wsgate_cluster_redis_errors",
+                "Redis calls of the [cluster] counters that failed or timed out.",
             ),
         ]
 
