@@ -28,13 +28,13 @@ browser:
 		echo "make: tests/test_console_web.py needs chromium and chromium-driver: run make test as root, or apt-get install -y chromium chromium-driver" >&2; \
 	fi
 
-## redis-server, for the [cluster] tests (tests/redis_server.py starts one per session).
+## redis-server and haproxy, for the [cluster] tests (tests/redis_server.py starts Redis).
 redis:
-	@if command -v redis-server >/dev/null 2>&1; then :; \
+	@if command -v redis-server >/dev/null 2>&1 && [ -x /usr/sbin/haproxy ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server haproxy; \
 	else \
-		echo "make: the [cluster] tests need redis-server: run make test as root, or apt-get install -y redis-server" >&2; \
+		echo "make: the [cluster] tests need redis-server and haproxy: run make test as root, or apt-get install -y redis-server haproxy" >&2; \
 	fi
 
 ## Run the whole test suite.

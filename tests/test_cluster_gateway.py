@@ -7,6 +7,8 @@ redis-server. Timing is bounded from above only, with wide margins.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -40,11 +42,31 @@ def config(
     }
 
 
-async def units(nursery: trio.Nursery, document: dict[str, Any], count: int) -> list[int]:
-    """Start ``count`` gateways, each from its own parse of ``document``; their ports."""
+class Codes:
+    """An Observer keeping the response codes of one unit's handshakes."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+
+    def handshake(self, record: Any) -> None:
+        self.codes.append(record["response_code"])
+
+    def disconnect(self, pair: Any, record: Any) -> None:
+        pass
+
+
+async def units(
+    nursery: trio.Nursery, document: dict[str, Any], count: int, observers: Any = ()
+) -> list[int]:
+    """Start ``count`` gateways, each from its own parse of ``document``; their ports.
+
+    ``observers`` holds one observer per unit, if given.
+    """
     ports = []
-    for _ in range(count):
-        gateway: wsgate.Gateway = await nursery.start(wsgate.Gateway(parse_config(document)).run)
+    for index in range(count):
+        observer = [observers[index]] if observers else []
+        gateway = wsgate.Gateway(parse_config(document), observers=observer)
+        await nursery.start(gateway.run)
         ports.append(gateway.addresses[0][1])
     return ports
 
@@ -326,3 +348,43 @@ def test_counter_names_are_stable_across_parses() -> None:
             "product:gold:0:rate-limit",
         ]
     )
+
+
+HAPROXY = os.environ.get("WSGATE_HAPROXY", "/usr/sbin/haproxy")
+
+
+@pytest.mark.deadline(60)
+async def test_a_client_through_haproxy_sees_the_shared_limit(
+    nursery: trio.Nursery, echo_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Debian's haproxy round-robins over two units; the limit is the units' together."""
+    assert shutil.which(HAPROXY), "haproxy not found: `make test` installs it as root"
+    policy = {**RATE, "calls": 4}
+    seen = [Codes(), Codes()]
+    ports = await units(nursery, config(echo_url, redis_url, [policy]), 2, seen)
+    front = free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(
+        "defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n"
+        "  timeout server 30s\n  timeout tunnel 1h\n"
+        f"frontend ws\n  bind 127.0.0.1:{front}\n  default_backend units\n"
+        "backend units\n  balance roundrobin\n"
+        + "".join(f"  server unit{i} 127.0.0.1:{port}\n" for i, port in enumerate(ports))
+    )
+    process = await trio.lowlevel.open_process([HAPROXY, "-db", "-f", str(cfg)])
+    try:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", front)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        statuses = [(await handshake(front)).status for _ in range(10)]
+        assert statuses == [101] * 4 + [429] * 6
+        # Round robin: each unit answered half, and both admitted some of the four.
+        assert [len(unit.codes) for unit in seen] == [5, 5]
+        assert all(101 in unit.codes for unit in seen)
+    finally:
+        process.kill()
+        await process.wait()
