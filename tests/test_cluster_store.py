@@ -21,7 +21,8 @@ from wsgate.cluster.settings import ClusterConfig
 from wsgate.cluster.store import CounterStore, MemoryStore, RedisStore
 from wsgate.errors import ClusterUnavailable
 
-from .redis_server import RedisServer
+from . import helpers
+from .redis_server import RedisServer, free_port
 
 POLICY = object()
 NAMES = {id(POLICY): "test:0:unit"}  # the name tests/cluster_unit.py uses too
@@ -268,3 +269,15 @@ async def test_a_release_that_fails_is_retried(
     own_redis.resume()
     with trio.fail_after(10):
         await eventually(lambda: zcard(own_redis, 0))
+
+
+async def test_the_redis_password_is_never_logged(nursery: trio.Nursery) -> None:
+    password = "redis-secret-0123456789"
+    helpers.SUITE_SECRETS.add(password)
+    url = f"redis://:{password}@127.0.0.1:{free_port()}/0"  # nothing listens there
+    store = await start_store(nursery, url, timeout=0.5)
+    with structlog.testing.capture_logs() as logs, pytest.raises(ClusterUnavailable):
+        await store.sliding_log(POLICY, "k", 1, 60)
+    [record] = [r for r in logs if r["event"] == "cluster_redis_unavailable"]
+    assert record["redis"] == f"redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}"
+    assert password not in repr(logs) and password not in repr(store.client.config)
