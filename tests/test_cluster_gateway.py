@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ import trio
 from structlog.testing import capture_logs
 
 import wsgate
-from wsgate.cli import main
 from wsgate.cluster.store import counter_names
 from wsgate.config import parse_config
 from wsgate.errors import ConfigError
@@ -255,36 +255,41 @@ async def test_two_workers_with_cluster_admit_exactly_3_of_12(
         await process.stdout.aclose()
 
 
-def test_workers_without_cluster_refuse_to_start_naming_the_policy(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def wsgate_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in its own process: it configures structlog, which must not leak into tests."""
+    command = [sys.executable, "-m", "wsgate", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_workers_without_cluster_refuse_to_start_naming_the_policy(tmp_path: Path) -> None:
     path = tmp_path / "gw.toml"
     path.write_text(
         '[[apis]]\nname = "echo"\npath = "echo"\nservice_url = "ws://127.0.0.1:9"\n'
         'policies = [{ policy = "check-header", name = "x" },'
         ' { policy = "limit-concurrency", max_count = 1 }]\n'
     )
-    assert main(["serve", "--config", str(path), "--workers", "2"]) == 1
-    err = capsys.readouterr().err
+    done = wsgate_cli("serve", "--config", str(path), "--workers", "2")
+    assert done.returncode == 1
+    err = done.stderr
     assert "'limit-concurrency' (apis[0].policies[1])" in err
     assert "[cluster]" in err and "--workers 1" in err
     assert "check-header" not in err
 
 
-def test_check_validates_cluster_without_connecting(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_validates_cluster_without_connecting(tmp_path: Path) -> None:
     path = tmp_path / "gw.toml"
     nobody = free_port()  # nothing listens there: check must not care
     path.write_text(f'[cluster]\nredis_url = "redis://127.0.0.1:{nobody}/0"\ntimeout = 0.1\n')
-    assert main(["check", str(path)]) == 0
-    assert "OK" in capsys.readouterr().out
+    done = wsgate_cli("check", str(path))
+    assert done.returncode == 0
+    assert "OK" in done.stdout
     path.write_text(
         '[cluster]\nredis_url = "http://:hunter2-secret@h/0"\ntimeout = 0\n'
         'on_unavailable = "maybe"\nlease_ttl = 0.1\nprefix = "x"\n'
     )
-    assert main(["check", str(path)]) == 1
-    err = capsys.readouterr().err.splitlines()
+    done = wsgate_cli("check", str(path))
+    assert done.returncode == 1
+    err = done.stderr.splitlines()
     assert err == [
         f"{path}: cluster.redis_url: scheme must be redis, rediss or unix, got 'http'",
         f"{path}: cluster.timeout: must be a finite number > 0, got 0.0",
