@@ -237,6 +237,70 @@ class WsgateJWT(Wsgate):
             """)
 
 
+class WsgateRateLimit(Wsgate):
+    name = "wsgate-ratelimit"
+    color = "#dbdb8d"
+    description = "wsgate whose API runs rate-limit (counted in memory; a limit no run reaches)"
+
+    def extra_toml(self) -> str:
+        return textwrap.dedent("""
+            [[apis.policies]]
+            policy = "rate-limit"
+            calls = 1000000000
+            renewal_period = 60
+            """)
+
+
+class WsgateRedis(WsgateRateLimit):
+    name = "wsgate-redis"
+    color = "#17a589"
+    description = (
+        "wsgate-ratelimit with `[cluster]`: the check is a Lua script on a local "
+        "redis-server (CPU and memory: wsgate and Redis)"
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.redis: subprocess.Popen[Any] | None = None
+        self.redis_port = 0
+
+    @classmethod
+    def absent(cls) -> str | None:
+        if shutil.which("redis-server") is None:
+            return "redis-server is not installed (make test installs it)"
+        try:
+            import coredis  # noqa: F401
+        except ImportError:
+            return "coredis is not installed (pip install 'wsgate[cluster]')"
+        return None
+
+    def start(self) -> None:
+        self.redis_port = procs.free_port()
+        self.redis = procs.spawn(
+            [
+                *("redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+            ]
+        )
+        procs.wait_port(self.redis_port, self.redis, timeout=10)
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.redis is not None:
+            procs.kill(self.redis)
+            self.redis = None
+
+    def pids(self) -> list[int]:
+        return super().pids() + ([self.redis.pid] if self.redis is not None else [])
+
+    def extra_toml(self) -> str:
+        return super().extra_toml() + textwrap.dedent(f"""
+            [cluster]
+            redis_url = "redis://127.0.0.1:{self.redis_port}/0"
+            """)
+
+
 class WsgateTLS(Wsgate):
     name = "wsgate-tls"
     color = "#17becf"
@@ -370,7 +434,7 @@ PLAIN = {
 }
 #: Targets measured only for handshakes, whenever plain wsgate is (a policy's
 #: cost is per handshake: relaying does not see it).
-HANDSHAKES_ONLY = {cls.name: cls for cls in (WsgateJWT,)}
+HANDSHAKES_ONLY = {cls.name: cls for cls in (WsgateJWT, WsgateRateLimit, WsgateRedis)}
 #: Targets a run measures only when named with --targets.
 OPTIONAL: dict[str, type[Target]] = {cls.name: cls for cls in (WsgateMetrics, WsgateQuiet)}
 TLS = {cls.name: cls for cls in (WsgateTLS, WsgateReactorTLS, NginxTLS)}
