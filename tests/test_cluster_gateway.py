@@ -393,3 +393,46 @@ async def test_a_client_through_haproxy_sees_the_shared_limit(
     finally:
         process.kill()
         await process.wait()
+
+
+@pytest.mark.deadline(60)
+async def test_a_killed_unit_gives_its_concurrency_slots_back_within_lease_ttl(
+    nursery: trio.Nursery, echo_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A `wsgate serve` unit holding both slots is SIGKILLed; another unit gets them back."""
+    ttl = 2
+    policy = {"policy": "limit-concurrency", "max_count": 2}
+    document = config(echo_url, redis_url, [policy], lease_ttl=ttl)
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        f'[gateway]\nlisten = "127.0.0.1:0"\n\n[cluster]\nredis_url = "{redis_url}"\n'
+        f'lease_ttl = {ttl}\n\n[[apis]]\nname = "echo"\npath = "echo"\n'
+        f'service_url = "{echo_url}"\n'
+        'policies = [{ policy = "limit-concurrency", max_count = 2 }]\n'
+    )
+    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(path)]
+    process = await trio.lowlevel.open_process(command, stdout=-1)
+    assert process.stdout is not None
+    lines = Lines(process.stdout)
+    try:
+        started = await lines.until(lambda r: r["event"] == "gateway_started")
+        killed_port = int(started["addresses"][0].rsplit(":", 1)[1])
+        held = [await RawClient.connect(killed_port) for _ in range(2)]
+        assert [c.response and c.response.status for c in held] == [101, 101]
+        [port] = await units(nursery, document, 1)
+        await trio.sleep(ttl * 1.5)  # renewed: still held past lease_ttl
+        assert (await handshake(port)).status == 429
+        process.kill()
+        await process.wait()
+        killed = trio.current_time()
+        with trio.fail_after(ttl + 5):
+            while (await handshake(port)).status != 101:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert trio.current_time() - killed <= ttl + 1
+        for client in held:
+            await client.aclose()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
