@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench bench-quick bench-icount clean browser node haproxy
+.PHONY: install run test lint format bench bench-quick bench-icount clean browser node haproxy redis
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
@@ -50,8 +50,17 @@ haproxy:
 		echo "make: tests/test_haproxy_e2e.py needs haproxy: run make test as root, or apt-get install -y haproxy" >&2; \
 	fi
 
+## redis-server, for the [cluster] tests (tests/redis_server.py starts it on a free port).
+redis:
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+	else \
+		echo "make: the [cluster] tests need redis-server: run make test as root, or apt-get install -y redis-server" >&2; \
+	fi
+
 ## Run the whole test suite.
-test: $(STAMP) browser node haproxy
+test: $(STAMP) browser node haproxy redis
 	$(BIN)/python -m pytest -q
 
 ## ruff (lint + format check) and mypy --strict.

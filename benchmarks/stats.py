@@ -453,6 +453,21 @@ def goals(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         None if v is None else v >= 1000,
         fmt_num(v),
     )
+    # [cluster]: what the Redis round trip adds to a rate-limit check (docs/cluster.md).
+    handshakes = report.get("handshakes", {}).get("results", {})
+    memory, redis = handshakes.get("wsgate-ratelimit", {}), handshakes.get("wsgate-redis", {})
+    added = {}
+    for quantile in ("p50", "p99"):
+        a, b = memory.get(f"{quantile}_us"), redis.get(f"{quantile}_us")
+        added[quantile] = None if a is None or b is None else b - a
+    v = added["p99"]
+    check(
+        "handshake p50 / p99 added by [cluster] (wsgate-redis - wsgate-ratelimit)",
+        v,
+        "p99 <= 1 ms",
+        None if v is None else v <= 1000,
+        f"{fmt_num(added['p50'])} / {fmt_num(v)} us",
+    )
     # The reactor engine's own targets.
     for connections, wanted_ratio in ((100, 0.7), (1000, 0.9)):
         r = find(load, connections, 32, 1)

@@ -31,6 +31,8 @@ class Target:
     proxy = True
     tls = False
     description = ""
+    #: For a variant measured for handshakes only: the load target it runs beside.
+    base = ""
 
     def __init__(self, workdir: Path, backend_port: int, tls_files: dict[str, Path] | None = None):
         #: Headers the generator adds to each opening handshake.
@@ -193,7 +195,6 @@ class Wsgate2Workers(Wsgate):
 class WsgateJWT(Wsgate):
     name = "wsgate-jwt"
     color = "#bcbd22"
-    #: The load target this handshake-only variant is measured beside.
     base = "wsgate"
     description = (
         "wsgate whose API runs validate-jwt (RS256, 2048-bit key, audience and issuer "
@@ -274,6 +275,71 @@ class WsgateJWTHS256(Wsgate):
             audiences = ["bench"]
             issuers = ["https://issuer.bench/"]
             require_scheme = "Bearer"
+            """)
+
+
+class WsgateRateLimit(Wsgate):
+    name = "wsgate-ratelimit"
+    color = "#c49c94"
+    base = "wsgate"
+    description = "wsgate whose API runs rate-limit (counted in memory; a limit no run reaches)"
+
+    def extra_toml(self) -> str:
+        return textwrap.dedent("""
+            [[apis.policies]]
+            policy = "rate-limit"
+            calls = 1000000000
+            renewal_period = 60
+            """)
+
+
+class WsgateRedis(WsgateRateLimit):
+    name = "wsgate-redis"
+    color = "#17a589"
+    description = (
+        "wsgate-ratelimit with `[cluster]`: the check is a Lua script on a local "
+        "redis-server (CPU and memory: wsgate and Redis)"
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.redis: subprocess.Popen[Any] | None = None
+        self.redis_port = 0
+
+    @classmethod
+    def absent(cls) -> str | None:
+        if shutil.which("redis-server") is None:
+            return "redis-server is not installed (make test installs it)"
+        try:
+            import coredis  # noqa: F401
+        except ImportError:
+            return "coredis is not installed (pip install 'wsgate[cluster]')"
+        return None
+
+    def start(self) -> None:
+        self.redis_port = procs.free_port()
+        self.redis = procs.spawn(
+            [
+                *("redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+            ]
+        )
+        procs.wait_port(self.redis_port, self.redis, timeout=10)
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.redis is not None:
+            procs.kill(self.redis)
+            self.redis = None
+
+    def pids(self) -> list[int]:
+        return super().pids() + ([self.redis.pid] if self.redis is not None else [])
+
+    def extra_toml(self) -> str:
+        return super().extra_toml() + textwrap.dedent(f"""
+            [cluster]
+            redis_url = "redis://127.0.0.1:{self.redis_port}/0"
             """)
 
 
@@ -498,8 +564,8 @@ PLAIN = {
 }
 #: Targets measured only for handshakes, whenever plain wsgate is (a policy's
 #: cost is per handshake: relaying does not see it).
-HANDSHAKES_ONLY: dict[str, type[WsgateJWT] | type[WsgateJWTHS256]] = {
-    cls.name: cls for cls in (WsgateJWT, WsgateJWTHS256)
+HANDSHAKES_ONLY: dict[str, type[Wsgate]] = {
+    cls.name: cls for cls in (WsgateJWT, WsgateJWTHS256, WsgateRateLimit, WsgateRedis)
 }
 #: Targets a run measures only when named with --targets.
 OPTIONAL: dict[str, type[Target]] = {cls.name: cls for cls in (WsgateMetrics, WsgateQuiet)}

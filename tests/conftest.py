@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 from wsgate.echo import serve_echo
 
 from . import helpers
+from .redis_server import RedisServer
 
 # Hypothesis's timing checks (a per-example deadline, "input generation is slow")
 # fail on a busy 2-core machine without any defect: speed lives in benchmarks.
@@ -84,3 +85,28 @@ async def echo_url(nursery: trio.Nursery) -> str:
     """A trio-websocket echo backend on 127.0.0.1 (any path)."""
     port = await nursery.start(serve_echo, "127.0.0.1", 0)
     return f"ws://127.0.0.1:{port}/echo"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (see tests/redis_server.py)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for tests that stop, pause or restart it."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()

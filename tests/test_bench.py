@@ -290,6 +290,9 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     # Measured beside wsgate for handshakes only: every token was accepted.
     assert hs["wsgate-jwt"]["errors"] == 0 and hs["wsgate-jwt"]["messages"] > 0
     assert hs["wsgate-jwt-hs256"]["errors"] == 0 and hs["wsgate-jwt-hs256"]["messages"] > 0
+    # And rate-limit counted in memory, then in a real Redis ([cluster]): all admitted.
+    for name in ("wsgate-ratelimit", "wsgate-redis"):
+        assert hs[name]["errors"] == 0 and hs[name]["messages"] > 0, name
     idle = report["idle"]["results"]
     assert list(idle) == ["wsgate"]  # direct has no proxy to weigh
     assert idle["wsgate"]["pairs"] == 10 and idle["wsgate"]["alive"] == 10
@@ -305,6 +308,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     md = (tmp_path / "latest.md").read_text()
     assert "| 2 x 64 B, depth 1 | **wsgate** |" in md
     assert "## TLS front end" in md
+    assert "| **wsgate-redis** |" in md and "added by [cluster]" in md
     assert "| **wsgate-jwt** |" in md and "handshakes per second (validate-jwt, RS256) |" in md
     assert procs._children == []  # every process started was stopped
 

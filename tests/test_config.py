@@ -221,7 +221,8 @@ def test_parse_config_rejects_non_table_document() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("listne = 1", "listne: unknown key"),
+        # difflib finds 'cluster' the nearest top-level key
+        ("listne = 1", "listne: unknown key (did you mean 'cluster'?)"),
         ("gateways = 1", "gateways: unknown key (did you mean 'gateway'?)"),
         ('[gateway]\nlistne = "x"', "gateway.listne: unknown key (did you mean 'listen'?)"),
         (

@@ -21,6 +21,8 @@ import trio
 
 from . import __version__, console
 from .admin import reload_on_sighup, serve_admin
+from .cluster.names import counting_policies
+from .cluster.redis import missing_extra
 from .config import Config, Listen, load_config
 from .echo import serve_echo
 from .errors import ConfigError, WorkerBootFailure
@@ -203,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+    if config.cluster is not None and (missing := missing_extra()) is not None:
+        print(f"wsgate: {args.config}: {missing}", file=sys.stderr)
+        return 1
     configure_logging(json=not args.pretty, level=LOG_LEVELS[args.log_level])
     workers = getattr(args, "workers", 1)
     if workers > 1:
@@ -210,6 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"wsgate: {args.config}: [admin] needs a single process (its changes and "
                 "metrics would reach one worker only); run with --workers 1",
+                file=sys.stderr,
+            )
+            return 1
+        unshared = counting_policies(config) if config.cluster is None else []
+        if unshared:
+            listed = ", ".join(f"{name!r} ({path})" for name, path in unshared)
+            print(
+                f"wsgate: {args.config}: policy {listed} counts in memory, per process: "
+                f"{workers} workers would each admit the full limit. Add a [cluster] table "
+                "to share the counters through Redis (docs/cluster.md), or run with "
+                "--workers 1",
                 file=sys.stderr,
             )
             return 1

@@ -45,6 +45,7 @@ import structlog
 from wsgate.addresses import BackendURL, Listen, TLSConfig
 from wsgate.admin.settings import AdminConfig
 from wsgate.clientaddr import FORWARDED_HEADERS, TrustedProxies, parse_network
+from wsgate.cluster.settings import ClusterConfig
 from wsgate.errors import ConfigError
 from wsgate.policies.registry import POLICIES  # importing it registers the built-in policies
 from wsgate.policy import (
@@ -81,6 +82,7 @@ __all__ = [
     "ApiConfig",
     "BackendURL",
     "BasePlacement",
+    "ClusterConfig",
     "Config",
     "GatewayConfig",
     "KeyedValueError",
@@ -423,6 +425,8 @@ class Config:
     )
     #: The admin listener (management API, metrics, health); None: not started.
     admin: AdminConfig | None = None
+    #: Redis shared by every unit for the limits policies; None: counters in memory.
+    cluster: ClusterConfig | None = None
     source: Path | None = None
     _derived: dict[Hashable, Any] = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
@@ -654,6 +658,13 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
         "tls": _table(TLSConfig),
         "state_file": _FILE,
     },
+    ClusterConfig: {
+        "redis_url": _SECRET,
+        "key_prefix": _STR,
+        "timeout": _NUMBER,
+        "on_unavailable": _STR,
+        "lease_ttl": _NUMBER,
+    },
     GatewayConfig: {
         "listen": _LISTEN,
         "max_connections": _INT,
@@ -704,6 +715,7 @@ _SPECS: dict[type, Mapping[str, _Key]] = {
     Config: {
         "gateway": _table(GatewayConfig),
         "admin": _table(AdminConfig),
+        "cluster": _table(ClusterConfig),
         "apis": _tables(ApiConfig),
         "products": _tables(ProductConfig),
         "subscriptions": _tables(SubscriptionConfig),

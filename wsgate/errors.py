@@ -15,8 +15,10 @@ Tree::
     │       └── BackendProtocolError the backend's answer was not a valid upgrade -> 502
     ├── ProxyHeaderError       no valid PROXY protocol header (or an untrusted peer):
     │                          the connection is closed unanswered, never read as HTTP
-    └── ProtocolError          a peer broke WebSocket framing rules  -> close 1002
-        └── MessageTooBig      a message exceeded max_message_size   -> close 1009
+    ├── ProtocolError          a peer broke WebSocket framing rules  -> close 1002
+    │   └── MessageTooBig      a message exceeded max_message_size   -> close 1009
+    └── ClusterUnavailable     Redis ([cluster]) did not answer a check in time; the
+                               counting policy answers 503 or admits (on_unavailable)
 
 A connection task never lets any of these (or anything else) escape: handshake
 errors become HTTP responses, protocol errors become close frames (the codes
@@ -150,6 +152,15 @@ class ProtocolError(WsgateError):
 
 class MessageTooBig(ProtocolError):
     """A message exceeded the API's max_message_size; the sender gets 1009."""
+
+
+class ClusterUnavailable(WsgateError):
+    """The shared counters (Redis, ``[cluster]``) could not be read or updated in time.
+
+    Raised by :mod:`wsgate.cluster.redis`, the one boundary where the Redis
+    client's and Trio's exceptions are mapped; the counting policy that made the
+    check applies ``on_unavailable``.
+    """
 
 
 @contextmanager

@@ -36,6 +36,9 @@ import trio
 from .backend import open_backend
 from .clientaddr import client_address
 from .closing import End, close_plan
+from .cluster.names import counter_names
+from .cluster.redis import RedisClient
+from .cluster.store import CounterStore, MemoryStore, RedisStore
 from .config import ApiConfig, Config, Listen
 from .errors import (
     RETRY_AFTER,
@@ -187,6 +190,14 @@ class Gateway:
         self._policy_state: dict[
             int, tuple[object, Any]
         ] = {}  # rate-limit counters etc., by policy
+        # Where the limits policies count: memory, or Redis with [cluster].
+        self._cluster: RedisStore | None = None
+        self._counters: CounterStore = MemoryStore(self._policy_state)
+        if config.cluster is not None:
+            self._cluster = RedisStore(
+                RedisClient(config.cluster), counter_names(config, self._policies)
+            )
+            self._counters = self._cluster
         self._handshaking = 0
         self._draining = False
         self._proxy_refused: dict[str, int] = {}
@@ -219,6 +230,11 @@ class Gateway:
         return f"{'wss' if self._server_ssl else 'ws'}://{host}:{port}"
 
     @property
+    def cluster(self) -> RedisStore | None:
+        """The Redis counter store shared with the other units ([cluster]), if any."""
+        return self._cluster
+
+    @property
     def pairs(self) -> Mapping[str, Pair]:
         """Open pairs by correlation id (a live, read-only view)."""
         return self._pairs
@@ -237,6 +253,10 @@ class Gateway:
             old.relay_engine,
         ):
             raise ValueError("listen, tls and relay_engine cannot change while the gateway runs")
+        if config.cluster != self.config.cluster:
+            raise ValueError("[cluster] cannot change while the gateway runs")
+        if self._cluster is not None:
+            self._cluster.names = counter_names(config, self._policies)
         self._router = Router(config.apis)
         self._limiter.total_tokens = config.gateway.max_connections
         self._secret_query = self._secret_query_names(config)
@@ -305,6 +325,8 @@ class Gateway:
             async with trio.open_nursery() as engine:
                 if self._reactor is not None:
                     await engine.start(self._reactor.run)
+                if self._cluster is not None:
+                    await engine.start(self._cluster.run)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     with self._accepting:
@@ -321,6 +343,8 @@ class Gateway:
                             )
                             task_status.started(self)
                 # Every pair has ended: the pump has nothing left to serve.
+                if self._cluster is not None:
+                    await self._cluster.flush()  # their leases, at once
                 engine.cancel_scope.cancel()
         finally:
             for listener in listeners:
@@ -663,6 +687,7 @@ class Gateway:
                 if header[0] not in access.drop_headers
             ],
             states=self._policy_state,
+            counter_store=self._counters,
             product=access.product,
             subscription=access.subscription,
         )

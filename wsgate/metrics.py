@@ -134,9 +134,19 @@ class GatewayMetrics:
     def collect(self) -> Iterable[Metric]:
         """Every metric, with open pairs' counts added at this moment."""
         families = self._families()
-        attempts, active, capacity, in_progress, messages, nbytes, hs, backend, closes, refused = (
-            families
-        )
+        (
+            attempts,
+            active,
+            capacity,
+            in_progress,
+            messages,
+            nbytes,
+            hs,
+            backend,
+            closes,
+            refused,
+            redis,
+        ) = families
         for (api, code), count in sorted(self._attempts.items()):
             attempts.add_metric([api, code], count)
         for (api, closed_by, code), count in sorted(self._closes.items()):
@@ -164,6 +174,8 @@ class GatewayMetrics:
                             message_totals[key] = message_totals.get(key, 0) + count
                     key3 = (api, source, destination)
                     byte_totals[key3] = byte_totals.get(key3, 0) + count_bytes
+            if gateway.cluster is not None:
+                redis.add_metric([], gateway.cluster.client.errors)
             stats = gateway.stats()
             capacity.add_metric([], open_pairs / stats.capacity if stats.capacity else 0.0)
             in_progress.add_metric([], stats.handshakes_in_progress)
@@ -234,6 +246,10 @@ class GatewayMetrics:
                 "wsgate_proxy_protocol_refused",
                 "Connections to a proxy_protocol listener closed unread, by reason.",
                 labels=["reason"],
+            ),
+            CounterMetricFamily(
+                "wsgate_cluster_redis_errors",
+                "Redis calls of the [cluster] counters that failed or timed out.",
             ),
         ]
 

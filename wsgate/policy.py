@@ -143,6 +143,9 @@ class HandshakeContext:
     deadline: float | None = None  # wall-clock time the pair must close (1008)
     deadline_reason: str = ""
     message_limiter: MessageLimiter | None = None
+    #: Where the limits policies count (a wsgate.cluster.store.CounterStore); None:
+    #: in ``states``, in this process.
+    counter_store: Any = None
 
     @property
     def backend_target(self) -> str:

@@ -16,8 +16,14 @@ message-rate-limit     :class:`TokenBucket`   messages/bytes per second on one p
                                               delay the sender or close with 1008
 =====================  =====================  ==========================================
 
-Handshake counters use ``trio.current_time()`` (monotonic): they restart with
-the gateway, and a wall-clock change does not move them.
+The policies count through the context's counter store
+(:mod:`wsgate.cluster.store`): in this process by default, where handshake
+counters use ``trio.current_time()`` (monotonic: they restart with the
+gateway, and a wall-clock change does not move them); with a ``[cluster]``
+table, in Redis, on its clock, shared by every unit (docs/cluster.md). When
+Redis does not answer in time, ``on_unavailable`` ("closed": 503 with
+Retry-After; "open": admit uncounted) applies, set on the policy or else on
+the table.
 
 Memory is bounded. A sliding log keeps at most ``calls`` timestamps per key, a
 window two integers per key, and both keep at most ``max_keys`` keys
@@ -33,14 +39,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict, deque
-from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import attrs
-import trio
 
-from ..errors import HandshakeRejected
+from ..cluster.settings import on_unavailable
+from ..cluster.store import CounterStore, MemoryStore
+from ..counters import MAX_KEYS, FixedWindow, SlidingLog, Slots
+from ..errors import ClusterUnavailable, HandshakeRejected
 from ..policy import HandshakeContext, MessageLimiter, PairStats
 from ..validate import KeyedValueError, key_spec, number, one_of, optional
 from .registry import register
@@ -60,156 +66,11 @@ __all__ = [
     "TokenBucket",
 ]
 
-#: Most keys one rate-limit or quota policy remembers at a time.
-MAX_KEYS = 10_000
 #: Longer counter-key values are stored as their SHA-256.
 MAX_KEY_LENGTH = 128
 
 
-# --- counters (pure, sync, explicit time) -----------------------------------------------
-
-
-class SlidingLog:
-    """At most ``calls`` events per key in any window of ``period`` seconds.
-
-    An exact sliding log: each admitted event's time is kept until it is
-    ``period`` old (so at most ``calls`` per key). An event at time ``t``
-    counts while ``now < t + period``.
-    """
-
-    def __init__(self, calls: int, period: float, *, max_keys: int = MAX_KEYS) -> None:
-        self.calls, self.period, self.max_keys = calls, period, max_keys
-        self._logs: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._logs)
-
-    def hit(self, key: str, now: float) -> float:
-        """Count an event for ``key`` if the window has room: 0.0 if admitted,
-        else the seconds until the oldest counted event leaves the window."""
-        self._prune(now)
-        log = self._logs.get(key)
-        if log is None:
-            log = self._logs[key] = deque()
-            _cap(self._logs, self.max_keys)
-        else:
-            self._logs.move_to_end(key)
-        horizon = now - self.period
-        while log and log[0] <= horizon:
-            log.popleft()
-        if len(log) < self.calls:
-            log.append(now)
-            return 0.0
-        return log[0] + self.period - now
-
-    def _prune(self, now: float) -> None:
-        horizon = now - self.period
-        while self._logs:
-            key, log = next(iter(self._logs.items()))
-            if log and log[-1] > horizon:
-                return
-            del self._logs[key]
-
-
-@attrs.define
-class _Usage:
-    start: float
-    calls: int = 0
-    bytes: int = 0
-
-
-class FixedWindow:
-    """Calls and/or bytes per key per fixed window of ``period`` seconds.
-
-    A key's window opens at its first use and lasts ``period``; usage arriving
-    after it ends opens the next one. A limit of None is not enforced.
-    """
-
-    def __init__(
-        self,
-        calls: int | None,
-        nbytes: int | None,
-        period: float,
-        *,
-        max_keys: int = MAX_KEYS,
-    ) -> None:
-        self.calls, self.nbytes, self.period, self.max_keys = calls, nbytes, period, max_keys
-        self._usage: OrderedDict[str, _Usage] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._usage)
-
-    def usage(self, key: str, now: float) -> _Usage:
-        """The current window of ``key`` (opened now if it had none)."""
-        self._prune(now)
-        usage = self._usage.get(key)
-        if usage is None or now >= usage.start + self.period:
-            usage = self._usage[key] = _Usage(now)
-            _cap(self._usage, self.max_keys)
-        self._usage.move_to_end(key)
-        return usage
-
-    def call(self, key: str, now: float) -> float:
-        """Count one call: 0.0 if within quota, else seconds until the window renews."""
-        usage = self.usage(key, now)
-        spent = (self.calls is not None and usage.calls >= self.calls) or (
-            self.nbytes is not None and usage.bytes >= self.nbytes
-        )
-        if spent:
-            return usage.start + self.period - now
-        usage.calls += 1
-        return 0.0
-
-    def add_bytes(self, key: str, nbytes: int, now: float) -> None:
-        """Charge ``nbytes`` to the window of ``key`` current at ``now``."""
-        self.usage(key, now).bytes += nbytes
-
-    def _prune(self, now: float) -> None:
-        while self._usage:
-            key, usage = next(iter(self._usage.items()))
-            if now < usage.start + self.period:
-                return
-            del self._usage[key]
-
-
-def _cap(table: OrderedDict[str, Any], max_keys: int) -> None:
-    while len(table) > max_keys:
-        table.popitem(last=False)
-
-
-class Slots:
-    """At most ``max_count`` holders per key; a key exists only while held."""
-
-    def __init__(self, max_count: int) -> None:
-        self.max_count = max_count
-        self._held: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def held(self, key: str) -> int:
-        return self._held.get(key, 0)
-
-    def acquire(self, key: str) -> Callable[[], None] | None:
-        """Take a slot: a release function (idempotent), or None when all are taken."""
-        count = self._held.get(key, 0)
-        if count >= self.max_count:
-            return None
-        self._held[key] = count + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            left = self._held[key] - 1
-            if left:
-                self._held[key] = left
-            else:
-                del self._held[key]
-
-        return release
+# --- the per-connection message limiter --------------------------------------------------
 
 
 @attrs.define
@@ -306,6 +167,30 @@ def _by_key(ctx: HandshakeContext, spec: str) -> str:
     return key
 
 
+def _store(ctx: HandshakeContext) -> CounterStore:
+    """The context's counter store; a context built by hand counts in its ``states``."""
+    store: CounterStore | None = ctx.counter_store
+    if store is None:
+        store = ctx.counter_store = MemoryStore(ctx.states)
+    return store
+
+
+def _unavailable(policy: Any, ctx: HandshakeContext) -> None:
+    """Redis did not answer: refuse with 503 ("closed") or admit uncounted ("open")."""
+    mode = policy.on_unavailable or getattr(ctx.counter_store, "on_unavailable", "closed")
+    if mode == "open":
+        # The handshake's own log record says so; the outage is logged once by the client.
+        ctx.log_fields["cluster_unavailable"] = policy.policy_name
+        return
+    raise HandshakeRejected(
+        503,
+        "Limits cannot be checked right now. Try again in 1 seconds.",
+        reason="ClusterUnavailable",
+        headers=[("Retry-After", "1")],
+        source=policy.policy_name,
+    )
+
+
 # --- rate limits ------------------------------------------------------------------------
 
 
@@ -313,15 +198,24 @@ def _by_key(ctx: HandshakeContext, spec: str) -> str:
 class _RateLimitBase:
     policy_name: ClassVar[str]
 
+    #: Counts across handshakes: with --workers N it needs [cluster] to be exact.
+    counts_handshakes: ClassVar[bool] = True
+
     calls: int = attrs.field(validator=_positive_int)
     renewal_period: float = attrs.field(validator=_positive)
+    on_unavailable: str | None = attrs.field(default=None, validator=on_unavailable)
 
     def _counter_key(self, ctx: HandshakeContext) -> str:
         raise NotImplementedError
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
-        log = ctx.state(self, lambda: SlidingLog(self.calls, self.renewal_period))
-        wait = log.hit(self._counter_key(ctx), trio.current_time())
+        store = _store(ctx)
+        try:
+            wait = await store.sliding_log(
+                self, self._counter_key(ctx), self.calls, self.renewal_period
+            )
+        except ClusterUnavailable:
+            return _unavailable(self, ctx)
         if wait:
             retry = _retry_after(wait)
             raise HandshakeRejected(
@@ -361,9 +255,12 @@ class RateLimitByKey(_RateLimitBase):
 class _QuotaBase:
     policy_name: ClassVar[str]
 
+    counts_handshakes: ClassVar[bool] = True
+
     calls: int | None = attrs.field(default=None, validator=optional(_positive_int))
     bandwidth: int | None = attrs.field(default=None, validator=optional(_positive_int))
     renewal_period: float = attrs.field(validator=_positive)
+    on_unavailable: str | None = attrs.field(default=None, validator=on_unavailable)
 
     def __attrs_post_init__(self) -> None:
         if self.calls is None and self.bandwidth is None:
@@ -373,11 +270,14 @@ class _QuotaBase:
         raise NotImplementedError
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
-        window = ctx.state(
-            self, lambda: FixedWindow(self.calls, self.bandwidth, self.renewal_period)
-        )
+        store = _store(ctx)
         key = self._counter_key(ctx)
-        wait = window.call(key, trio.current_time())
+        try:
+            wait = await store.fixed_window(
+                self, key, self.calls, self.bandwidth, self.renewal_period
+            )
+        except ClusterUnavailable:
+            return _unavailable(self, ctx)
         if wait:
             retry = _retry_after(wait)
             raise HandshakeRejected(
@@ -391,7 +291,7 @@ class _QuotaBase:
 
             def charge(stats: PairStats) -> None:
                 relayed = stats.bytes_from_client + stats.bytes_from_backend
-                window.add_bytes(key, relayed, trio.current_time())
+                store.charge_bytes(self, key, relayed, self.renewal_period)
 
             ctx.on_close(charge)
 
@@ -426,13 +326,18 @@ class LimitConcurrency:
     """At most ``max_count`` open connections per ``counter_key`` (default: per API)."""
 
     policy_name: ClassVar[str]
+    counts_handshakes: ClassVar[bool] = True
 
     max_count: int = attrs.field(validator=_positive_int)
     counter_key: str = attrs.field(default="api", validator=key_spec)
+    on_unavailable: str | None = attrs.field(default=None, validator=on_unavailable)
 
     async def on_handshake(self, ctx: HandshakeContext) -> None:
-        slots = ctx.state(self, lambda: Slots(self.max_count))
-        release = slots.acquire(_by_key(ctx, self.counter_key))
+        store = _store(ctx)
+        try:
+            release = await store.acquire(self, _by_key(ctx, self.counter_key), self.max_count)
+        except ClusterUnavailable:
+            return _unavailable(self, ctx)
         if release is None:
             raise HandshakeRejected(
                 429,
