@@ -35,7 +35,8 @@ def config(
 ) -> dict[str, Any]:
     return {
         "gateway": {"listen": "127.0.0.1:0"},
-        "cluster": {"redis_url": redis_url, **cluster},
+        # A generous timeout unless a test is about it: a busy machine is no outage.
+        "cluster": {"redis_url": redis_url, "timeout": 5.0, **cluster},
         "apis": [
             {"name": "echo", "path": "echo", "service_url": backend_url, "policies": policies}
         ],
@@ -225,7 +226,8 @@ async def test_two_workers_with_cluster_admit_exactly_3_of_12(
 ) -> None:
     path = tmp_path / "gw.toml"
     path.write_text(
-        f'[gateway]\nlisten = "127.0.0.1:0"\n\n[cluster]\nredis_url = "{redis_url}"\n\n'
+        f'[gateway]\nlisten = "127.0.0.1:0"\n\n[cluster]\nredis_url = "{redis_url}"\n'
+        "timeout = 5.0\n\n"
         f'[[apis]]\nname = "echo"\npath = "echo"\nservice_url = "{echo_url}"\n'
         'policies = [{ policy = "rate-limit", calls = 3, renewal_period = 60 }]\n'
     )
@@ -292,9 +294,9 @@ def test_check_validates_cluster_without_connecting(tmp_path: Path) -> None:
     err = done.stderr.splitlines()
     assert err == [
         f"{path}: cluster.redis_url: scheme must be redis, rediss or unix, got 'http'",
-        f"{path}: cluster.timeout: must be a finite number > 0, got 0.0",
-        f"{path}: cluster.on_unavailable: must be 'closed' or 'open', got 'maybe'",
-        f"{path}: cluster.lease_ttl: must be >= 1 (seconds), got 0.1",
+        f"{path}: cluster.timeout: must be > 0, got 0.0",
+        f"{path}: cluster.on_unavailable: must be one of 'closed', 'open', got 'maybe'",
+        f"{path}: cluster.lease_ttl: must be >= 1, got 0.1",
         f"{path}: cluster.prefix: unknown key (did you mean 'key_prefix'?)",
     ]
 
@@ -406,6 +408,7 @@ async def test_a_killed_unit_gives_its_concurrency_slots_back_within_lease_ttl(
     path = tmp_path / "gw.toml"
     path.write_text(
         f'[gateway]\nlisten = "127.0.0.1:0"\n\n[cluster]\nredis_url = "{redis_url}"\n'
+        "timeout = 5.0\n"
         f'lease_ttl = {ttl}\n\n[[apis]]\nname = "echo"\npath = "echo"\n'
         f'service_url = "{echo_url}"\n'
         'policies = [{ policy = "limit-concurrency", max_count = 2 }]\n'

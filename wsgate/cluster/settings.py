@@ -1,17 +1,17 @@
 """``ClusterConfig``: the ``[cluster]`` table (Redis URL, key prefix, timeout, failure mode).
 
-Like :mod:`wsgate.admin.settings` this module imports nothing from
-:mod:`wsgate.config`, so the config reader can import it; its validators are
-its own (they look at their own value only, as the reader requires).
+Like :mod:`wsgate.admin.settings` this module builds on :mod:`wsgate.validate`
+only, never on :mod:`wsgate.config`, so the config reader can import it.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import attrs
+
+from ..validate import has_space_or_control, keyed, number, one_of, optional
 
 __all__ = ["ON_UNAVAILABLE", "SCHEMES", "ClusterConfig", "redacted_url"]
 
@@ -68,40 +68,28 @@ def redacted_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
+@keyed
 def _redis_url(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
     check_redis_url(value)
 
 
-def _positive(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"must be a finite number > 0, got {value!r}")
+_positive = number(0, inclusive=False)
+# Renewals run every lease_ttl / 3: below a second they would be most of the traffic.
+_lease_ttl = number(1)
 
 
-def _lease_ttl(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    _positive(inst, attr, value)
-    assert isinstance(value, int | float)
-    if value < 1:
-        # Renewals run every lease_ttl / 3: below a second they would be most of the traffic.
-        raise ValueError(f"must be >= 1 (seconds), got {value!r}")
-
-
+@keyed
 def _key_prefix(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {value!r}")
-    if any(ch.isspace() or not ch.isprintable() for ch in value):
+    if has_space_or_control(value):
         raise ValueError("must not contain whitespace or control characters")
     if len(value) > 64:
         raise ValueError("must be at most 64 characters")
 
 
-def on_unavailable(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
-    """Validator of ``on_unavailable`` (here and on each counting policy; None = inherit)."""
-    if value is None and _attr.default is None:
-        return
-    if value not in ON_UNAVAILABLE:
-        raise ValueError(f"must be 'closed' or 'open', got {value!r}")
+#: Validator of a counting policy's ``on_unavailable`` (None: the table's value).
+on_unavailable = optional(one_of(*ON_UNAVAILABLE))
 
 
 @attrs.frozen(kw_only=True)
@@ -119,7 +107,7 @@ class ClusterConfig:
     redis_url: str = attrs.field(repr=False, validator=_redis_url)
     key_prefix: str = attrs.field(default="wsgate:", validator=_key_prefix)
     timeout: float = attrs.field(default=0.25, validator=_positive)
-    on_unavailable: str = attrs.field(default="closed", validator=on_unavailable)
+    on_unavailable: str = attrs.field(default="closed", validator=one_of(*ON_UNAVAILABLE))
     lease_ttl: float = attrs.field(default=15.0, validator=_lease_ttl)
 
     @property
