@@ -72,8 +72,8 @@ async def units(
     return ports
 
 
-async def handshake(port: int, headers: Any = None) -> Response:
-    client = await RawClient.connect(port, "/echo", headers)
+async def handshake(port: int, headers: Any = None, target: str = "/echo") -> Response:
+    client = await RawClient.connect(port, target, headers)
     await client.aclose()
     assert client.response is not None
     return client.response
@@ -439,3 +439,55 @@ async def test_a_killed_unit_gives_its_concurrency_slots_back_within_lease_ttl(
             process.kill()
         await process.wait()
         await process.stdout.aclose()
+
+
+@pytest.mark.deadline(90)
+async def test_three_separate_processes_admit_exactly_calls_between_them(
+    echo_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Three `wsgate serve` processes on three ports, one Redis: each limit is exact.
+
+    Handshakes go round-robin, then in a parallel burst: rate-limit (5), and
+    quota-by-key (3 per tenant) for two tenants.
+    """
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        f'[gateway]\nlisten = "127.0.0.1:0"\n\n[cluster]\nredis_url = "{redis_url}"\n'
+        'timeout = 5.0\nkey_prefix = "three:"\n\n'
+        f'[[apis]]\nname = "rate"\npath = "rate"\nservice_url = "{echo_url}"\n'
+        'policies = [{ policy = "rate-limit", calls = 5, renewal_period = 60 }]\n\n'
+        f'[[apis]]\nname = "quota"\npath = "quota"\nservice_url = "{echo_url}"\n'
+        'policies = [{ policy = "quota-by-key", calls = 3, renewal_period = 60,'
+        ' counter_key = "header:x-tenant" }]\n'
+    )
+    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(path)]
+    processes, ports = [], []
+    try:
+        for _ in range(3):
+            process = await trio.lowlevel.open_process(command, stdout=-1)
+            processes.append(process)
+            assert process.stdout is not None
+            started = await Lines(process.stdout).until(lambda r: r["event"] == "gateway_started")
+            ports.append(int(started["addresses"][0].rsplit(":", 1)[1]))
+        assert len(set(ports)) == 3
+        rate = [(await handshake(ports[i % 3], target="/rate")).status for i in range(12)]
+        assert sorted(rate) == [101] * 5 + [429] * 7, rate
+
+        statuses: dict[str, list[int]] = {"a": [], "b": []}
+
+        async def one(i: int, tenant: str) -> None:
+            response = await handshake(ports[i % 3], [("X-Tenant", tenant)], target="/quota")
+            statuses[tenant].append(response.status)
+
+        async with trio.open_nursery() as burst:
+            for i in range(9):
+                burst.start_soon(one, i, "a")
+                burst.start_soon(one, i, "b")
+        for tenant in ("a", "b"):
+            assert sorted(statuses[tenant]) == [101] * 3 + [403] * 6, (tenant, statuses)
+    finally:
+        for process in processes:
+            process.kill()
+            await process.wait()
+            assert process.stdout is not None
+            await process.stdout.aclose()
