@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench bench-quick bench-icount clean browser node haproxy redis
+.PHONY: install run test lint format bench bench-quick bench-icount clean browser node proxies redis
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
@@ -41,14 +41,10 @@ node:
 		cd tests/node && npm ci --no-audit --no-fund; \
 	fi
 
-## HAProxy, for tests/test_haproxy_e2e.py (Debian, apt-get as root).
-haproxy:
-	@if [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy; \
-	else \
-		echo "make: tests/test_haproxy_e2e.py needs haproxy: run make test as root, or apt-get install -y haproxy" >&2; \
-	fi
+## HAProxy and nginx, for tests/test_haproxy_e2e.py and the balancer tests of
+## tests/test_cluster_gateway.py (Debian, apt-get as root; their services kept from starting).
+proxies:
+	@bash benchmarks/install_proxies.sh
 
 ## redis-server, for the [cluster] tests (tests/redis_server.py starts it on a free port).
 redis:
@@ -60,7 +56,7 @@ redis:
 	fi
 
 ## Run the whole test suite.
-test: $(STAMP) browser node haproxy redis
+test: $(STAMP) browser node proxies redis
 	$(BIN)/python -m pytest -q
 
 ## ruff (lint + format check) and mypy --strict.

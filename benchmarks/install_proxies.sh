@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install nginx and HAProxy for the benchmark's reference columns, when missing and we are root.
+# Install nginx and HAProxy (the benchmark's reference columns, the balancer tests) when
+# missing and we are root.
 # The distribution's services are kept from starting (nginx would listen on port 80):
 # the benchmark runs its own nginx and HAProxy, on 127.0.0.1 only, from generated configs.
 set -u
@@ -10,10 +11,10 @@ if [ -z "$missing" ]; then
     exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "bench:$missing not installed (and this is not root with apt-get): those columns will be absent"
+    echo "make:$missing not installed (and this is not root with apt-get): the benchmark columns and tests that need them will be absent or fail"
     exit 0
 fi
-echo "bench: installing$missing with apt-get"
+echo "make: installing$missing with apt-get"
 created=""
 if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
@@ -23,7 +24,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 # shellcheck disable=SC2086 # one word per package
 if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends $missing >/dev/null; }; then
-    echo "bench:$missing could not be installed: those columns will be absent"
+    echo "make:$missing could not be installed"
 fi
 if [ -n "$created" ]; then
     rm -f /usr/sbin/policy-rc.d

@@ -491,3 +491,57 @@ async def test_three_separate_processes_admit_exactly_calls_between_them(
             await process.wait()
             assert process.stdout is not None
             await process.stdout.aclose()
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@pytest.mark.deadline(60)
+async def test_a_client_through_nginx_sees_the_shared_limit(
+    nursery: trio.Nursery, echo_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """docs/cluster.md's nginx configuration in front of two units: one shared limit."""
+    assert os.path.exists(NGINX), "nginx not found: `make test` installs it as root"  # noqa: ASYNC240
+    policy = {**RATE, "calls": 4}
+    seen = [Codes(), Codes()]
+    ports = await units(nursery, config(echo_url, redis_url, [policy]), 2, seen)
+    front = free_port()
+    (tmp_path / "tmp").mkdir()
+    cfg = tmp_path / "nginx.conf"
+    temp = "".join(
+        f"{kind}_temp_path {tmp_path}/tmp/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    # The documented upstream and location, with this test's ports and scratch paths.
+    cfg.write_text(
+        f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\n"
+        f"error_log {tmp_path}/error.log error;\nevents {{ worker_connections 256; }}\n"
+        f"http {{\n  access_log off;\n{temp}"
+        "  upstream wsgate {\n"
+        + "".join(f"    server 127.0.0.1:{port};\n" for port in ports)
+        + "  }\n"
+        f"  server {{\n    listen 127.0.0.1:{front};\n    location / {{\n"
+        "      proxy_pass http://wsgate;\n      proxy_http_version 1.1;\n"
+        "      proxy_set_header Upgrade $http_upgrade;\n"
+        '      proxy_set_header Connection "upgrade";\n'
+        "      proxy_set_header Host $host;\n      proxy_read_timeout 1h;\n    }\n  }\n}\n"
+    )
+    process = await trio.lowlevel.open_process(
+        [NGINX, "-p", str(tmp_path), "-c", str(cfg), "-e", str(tmp_path / "error.log")]
+    )
+    try:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", front)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        statuses = [(await handshake(front)).status for _ in range(10)]
+        assert statuses == [101] * 4 + [429] * 6
+        # nginx round-robins too: both units took handshakes and admitted some.
+        assert sum(len(unit.codes) for unit in seen) == 10
+        assert all(101 in unit.codes for unit in seen)
+    finally:
+        process.kill()
+        await process.wait()
