@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from .validate import parse_network
+
 __all__ = [
     "FORWARDED_HEADERS",
     "ClientAddress",
@@ -43,17 +45,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 
 _SECURE = {"https": True, "wss": True, "http": False, "ws": False}
-
-
-def parse_network(text: str) -> Network:
-    """An address or CIDR range; ValueError naming the mistake (host bits, syntax)."""
-    try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        if "host bits set" in str(exc):
-            loose = ipaddress.ip_network(text, strict=False)
-            raise ValueError(f"{text!r} has host bits set (did you mean '{loose}'?)") from None
-        raise ValueError(f"invalid IP address or CIDR range {text!r}") from None
 
 
 def _unmapped(ip: IPAddress) -> IPAddress:

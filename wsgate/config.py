@@ -44,7 +44,7 @@ import structlog
 
 from wsgate.addresses import BackendURL, Listen, TLSConfig
 from wsgate.admin.settings import AdminConfig
-from wsgate.clientaddr import FORWARDED_HEADERS, TrustedProxies, parse_network
+from wsgate.clientaddr import FORWARDED_HEADERS, TrustedProxies
 from wsgate.cluster.settings import ClusterConfig
 from wsgate.errors import ConfigError
 from wsgate.policies.registry import POLICIES  # importing it registers the built-in policies
@@ -60,6 +60,7 @@ from wsgate.policy import (
 from wsgate.validate import (
     KeyedValueError,
     Validator,
+    address_ranges,
     boolean,
     describe,
     existing_file,
@@ -241,17 +242,6 @@ def _policy_tuple(items: Iterable[PolicyEntry]) -> tuple[PolicyEntry, ...]:
 # --- configuration classes --------------------------------------------------------------
 
 
-def _trusted_networks(_inst: object, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
-    problems = []
-    for index, text in enumerate(value):
-        try:
-            parse_network(text)
-        except ValueError as exc:
-            problems.append((f"{attr.name}[{index}]", str(exc)))
-    if problems:
-        raise KeyedValueError(problems)
-
-
 @attrs.frozen(kw_only=True)
 class GatewayConfig:
     """Settings of the gateway process itself (the ``[gateway]`` table)."""
@@ -289,7 +279,7 @@ class GatewayConfig:
     #: The balancers in front (addresses, CIDR ranges): only their PROXY headers and
     #: forwarding headers name the client (wsgate.clientaddr). Empty: trust nobody.
     trusted_proxies: tuple[str, ...] = attrs.field(
-        default=(), converter=_str_tuple, validator=[strings, _trusted_networks]
+        default=(), converter=_str_tuple, validator=[strings, address_ranges(required=False)]
     )
     #: Every connection starts with a PROXY protocol header (v1 or v2) from a trusted proxy.
     proxy_protocol: bool = attrs.field(default=False, validator=boolean)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -263,3 +264,36 @@ def key_spec(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
             f"invalid key {value!r}: use ip, subscription, api, product,"
             " header:NAME, query:NAME or claim:NAME"
         )
+
+
+# --- addresses ------------------------------------------------------------------------------
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address or CIDR range; ValueError naming the mistake (host bits, syntax)."""
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            loose = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"{text!r} has host bits set (did you mean '{loose}'?)") from None
+        raise ValueError(f"invalid IP address or CIDR range {text!r}") from None
+
+
+def address_ranges(*, required: bool) -> Validator:
+    """A list of addresses and CIDR ranges (ip-filter, trusted_proxies); each bad item by index."""
+
+    @keyed
+    def check(_inst: object, attr: attrs.Attribute[Any], value: Iterable[str]) -> None:
+        items = list(value)
+        if required and not items:
+            raise ValueError("must list at least one address or CIDR range")
+        problems = []
+        for index, text in enumerate(items):
+            try:
+                parse_network(text)
+            except ValueError as exc:
+                problems.append((f"{attr.name}[{index}]", str(exc)))
+        if problems:
+            raise KeyedValueError(problems)
+
+    return check

@@ -24,6 +24,7 @@ from wsgate.handshake import end_to_end
 from wsgate.policy import HandshakeContext, PolicyResponse
 from wsgate.validate import (
     KeyedValueError,
+    address_ranges,
     boolean,
     describe,
     header_name,
@@ -32,6 +33,7 @@ from wsgate.validate import (
     keyed,
     one_of,
     optional,
+    parse_network,
     valid_header_name,
     valid_key_spec,
 )
@@ -191,30 +193,6 @@ class CheckHeader:
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _parse_network(text: str) -> _Network:
-    try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        if "host bits set" in str(exc):
-            loose = ipaddress.ip_network(text, strict=False)
-            raise ValueError(f"{text!r} has host bits set (did you mean '{loose}'?)") from None
-        raise ValueError(f"invalid IP address or CIDR range {text!r}") from None
-
-
-@keyed
-def _networks(_inst: object, attr: _Attribute, value: tuple[str, ...]) -> None:
-    if not value:
-        raise ValueError("must list at least one address or CIDR range")
-    problems = []
-    for index, text in enumerate(value):
-        try:
-            _parse_network(text)
-        except ValueError as exc:
-            problems.append((f"{attr.name}[{index}]", str(exc)))
-    if problems:
-        raise KeyedValueError(problems)
-
-
 @register("ip-filter")
 @attrs.frozen(kw_only=True)
 class IpFilter:
@@ -228,11 +206,13 @@ class IpFilter:
     policy_name: ClassVar[str]
 
     action: str = attrs.field(validator=one_of("allow", "forbid"))
-    addresses: tuple[str, ...] = attrs.field(converter=_string_tuple, validator=_networks)
+    addresses: tuple[str, ...] = attrs.field(
+        converter=_string_tuple, validator=address_ranges(required=True)
+    )
     networks: tuple[_Network, ...] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "networks", tuple(map(_parse_network, self.addresses)))
+        object.__setattr__(self, "networks", tuple(map(parse_network, self.addresses)))
 
     def matches(self, client_ip: str) -> bool | None:
         """Whether ``client_ip`` is in the list; None if it is not an IP address."""
