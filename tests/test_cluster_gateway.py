@@ -357,6 +357,17 @@ def test_counter_names_are_stable_across_parses() -> None:
     )
 
 
+async def wait_listening(port: int) -> None:
+    """Until a proxy the test started accepts on ``port`` (at most 10 s)."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                return
+            except OSError:
+                await trio.sleep(0.05)
+
+
 HAPROXY = os.environ.get("WSGATE_HAPROXY", "/usr/sbin/haproxy")
 
 
@@ -380,13 +391,7 @@ async def test_a_client_through_haproxy_sees_the_shared_limit(
     )
     process = await trio.lowlevel.open_process([HAPROXY, "-db", "-f", str(cfg)])
     try:
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", front)).aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+        await wait_listening(front)
         statuses = [(await handshake(front)).status for _ in range(10)]
         assert statuses == [101] * 4 + [429] * 6
         # Round robin: each unit answered half, and both admitted some of the four.
@@ -530,13 +535,7 @@ async def test_a_client_through_nginx_sees_the_shared_limit(
         [NGINX, "-p", str(tmp_path), "-c", str(cfg), "-e", str(tmp_path / "error.log")]
     )
     try:
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", front)).aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+        await wait_listening(front)
         statuses = [(await handshake(front)).status for _ in range(10)]
         assert statuses == [101] * 4 + [429] * 6
         # nginx round-robins too: both units took handshakes and admitted some.
