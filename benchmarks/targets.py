@@ -200,10 +200,24 @@ class WsgateJWT(Wsgate):
         "wsgate whose API runs validate-jwt (RS256, 2048-bit key, audience and issuer "
         "checked); the generator sends a valid bearer token"
     )
+    algorithm = "RS256"
 
     def start(self) -> None:
         # Imported here: only this target needs them, and they are slow to import.
         import jwt
+
+        claims = {
+            "aud": "bench",
+            "iss": "https://issuer.bench/",
+            "sub": "loadgen",
+            "exp": int(time.time()) + 24 * 3600,
+        }
+        token = jwt.encode(claims, self.signing_key(), algorithm=self.algorithm)
+        self.headers = [("Authorization", f"Bearer {token}")]
+        super().start()
+
+    def signing_key(self) -> Any:
+        """The key the generator signs with; the gateway gets what verifies it."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -214,68 +228,34 @@ class WsgateJWT(Wsgate):
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
-        self._public_key = public
-        token = jwt.encode(
-            {
-                "aud": "bench",
-                "iss": "https://issuer.bench/",
-                "sub": "loadgen",
-                "exp": int(time.time()) + 24 * 3600,
-            },
-            key,
-            algorithm="RS256",
-        )
-        self.headers = [("Authorization", f"Bearer {token}")]
-        super().start()
+        self._verify_with = f'public_key_file = "{public}"'
+        return key
 
     def extra_toml(self) -> str:
         return textwrap.dedent(f"""
             [[apis.policies]]
             policy = "validate-jwt"
-            public_key_file = "{self._public_key}"
-            algorithms = ["RS256"]
+            {self._verify_with}
+            algorithms = ["{self.algorithm}"]
             audiences = ["bench"]
             issuers = ["https://issuer.bench/"]
             require_scheme = "Bearer"
             """)
 
 
-class WsgateJWTHS256(Wsgate):
+class WsgateJWTHS256(WsgateJWT):
     name = "wsgate-jwt-hs256"
     color = "#dbdb8d"
-    base = "wsgate"
     description = (
         "wsgate whose API runs validate-jwt (HS256, audience and issuer checked); "
         "the generator sends a valid bearer token"
     )
-    _SECRET = "bench-shared-secret-of-at-least-32-bytes!"
+    algorithm = "HS256"
 
-    def start(self) -> None:
-        import jwt
-
-        token = jwt.encode(
-            {
-                "aud": "bench",
-                "iss": "https://issuer.bench/",
-                "sub": "loadgen",
-                "exp": int(time.time()) + 24 * 3600,
-            },
-            self._SECRET,
-            algorithm="HS256",
-        )
-        self.headers = [("Authorization", f"Bearer {token}")]
-        super().start()
-
-    def extra_toml(self) -> str:
-        return textwrap.dedent(f"""
-            [[apis.policies]]
-            policy = "validate-jwt"
-            secret = "{self._SECRET}"
-            algorithms = ["HS256"]
-            audiences = ["bench"]
-            issuers = ["https://issuer.bench/"]
-            require_scheme = "Bearer"
-            """)
+    def signing_key(self) -> Any:
+        secret = "bench-shared-secret-of-at-least-32-bytes!"
+        self._verify_with = f'secret = "{secret}"'
+        return secret
 
 
 class WsgateRateLimit(Wsgate):
