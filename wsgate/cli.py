@@ -338,6 +338,11 @@ async def _serve(config: Config, demo: bool, reuse_port: bool = False) -> None:
                 )
             except OSError as exc:  # ssl.SSLError: the certificate and key do not load
                 raise StartupError(f"cannot load the gateway's TLS certificate: {exc}") from exc
+            if config.cluster is not None:
+                # Before the gateway accepts: it serves the shared configuration.
+                from .cluster.member import serve_member
+
+                await nursery.start(serve_member, server)
             if config.admin is not None:
                 what = f"the admin listener on {config.admin.listen}"
                 try:

@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from .app import build_app
-from .manager import Invalid, manager_for
+from .manager import Invalid, Manager, manager_for
 from .settings import AdminConfig
 
 if TYPE_CHECKING:
@@ -42,7 +42,32 @@ async def serve_admin(
     ``/metrics`` and attached to ``gateway``.
     """
     log = structlog.get_logger("wsgate.admin")
-    manager = manager_for(gateway, admin.state_file)
+    async with trio.open_nursery() as nursery:
+        if gateway.config.cluster is not None:
+            from wsgate.cluster.member import member_for, serve_member
+
+            if member_for(gateway) is None:  # embedded: the CLI starts it before us
+                await nursery.start(serve_member, gateway, str(admin.listen))
+            if admin.state_file is not None:
+                log.warning(
+                    "state_file_unused",
+                    state_file=str(admin.state_file),
+                    detail="with [cluster], management changes are kept in Redis",
+                )
+            manager = manager_for(gateway)
+        else:
+            manager = manager_for(gateway, admin.state_file)
+        await _serve(gateway, admin, metrics, manager, task_status)
+
+
+async def _serve(
+    gateway: Gateway,
+    admin: AdminConfig,
+    metrics: GatewayMetrics | None,
+    manager: Manager,
+    task_status: trio.TaskStatus[tuple[str, int]],
+) -> None:
+    log = structlog.get_logger("wsgate.admin")
     if metrics is not None and metrics.gateway is None:
         metrics.attach(gateway)
     app = build_app(gateway, manager, token=admin.token, metrics=metrics)
@@ -58,6 +83,12 @@ async def serve_admin(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(hypercorn.trio.serve, app, config)
         host, port = _address(binds[0])
+        if gateway.config.cluster is not None:
+            from wsgate.cluster.member import member_for
+
+            member = member_for(gateway)
+            if member is not None:
+                member.admin_address = f"{host}:{port}"
         log.info(
             "admin_started",
             url=binds[0],
@@ -88,7 +119,8 @@ async def reload_on_sighup(
     the problems are logged (``config_reload_failed``).
     """
     log = structlog.get_logger("wsgate.admin")
-    manager = manager_for(gateway, None if admin is None else admin.state_file)
+    clustered = gateway.config.cluster is not None  # its changes live in Redis, not the file
+    manager = manager_for(gateway, None if admin is None or clustered else admin.state_file)
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         task_status.started()
         async for _ in signals:
