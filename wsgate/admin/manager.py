@@ -296,8 +296,11 @@ class Manager:
                 for name in ("listen", "tls")
                 if getattr(parsed.gateway, name) != getattr(running, name)
             ]
-            if parsed.admin != self.gateway.config.admin:
-                warnings.append(f"[admin] differs in {source}: it takes effect at the next restart")
+            for table in ("admin", "cluster"):
+                if getattr(parsed, table) != getattr(self.gateway.config, table):
+                    warnings.append(
+                        f"[{table}] differs in {source}: it takes effect at the next restart"
+                    )
             config = self._adopt(parsed, reload=True)
             self._base = base
             self.version += 1
@@ -512,6 +515,7 @@ class Manager:
         else:
             changes["gateway"] = running.gateway
         changes["admin"] = running.admin
+        changes["cluster"] = running.cluster  # fixed while the gateway runs, like [admin]
         for collection in COLLECTIONS:
             field = KEYS[collection]
             old = {getattr(item, field): item for item in getattr(running, collection)}

@@ -85,28 +85,38 @@ class Member:
     # -- running -------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Member] = trio.TASK_STATUS_IGNORED) -> None:
         """Read the shared config, then follow it and publish this unit, until cancelled."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.client.run)
-            await self.manager.start()
-            register_manager(self.gateway, self.manager)
-            _members[self.gateway] = self
-            nursery.start_soon(self._subscriber)
-            nursery.start_soon(self._poller)
-            nursery.start_soon(self._keeper)
-            self._log.info(
-                "cluster_member_started",
-                redis=self.client.config.display_url,
-                config_version=self.manager.version,
-            )
-            task_status.started(self)
+        # The client outlives the tasks using it: a subscription torn down together
+        # with its connection would leave the socket open (coredis cannot unsubscribe).
+        client_scope = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as outer:
+            await outer.start(self._run_client, client_scope)
             try:
-                await trio.sleep_forever()
+                async with trio.open_nursery() as nursery:
+                    await self.manager.start()
+                    register_manager(self.gateway, self.manager)
+                    _members[self.gateway] = self
+                    nursery.start_soon(self._subscriber)
+                    nursery.start_soon(self._poller)
+                    nursery.start_soon(self._keeper)
+                    self._log.info(
+                        "cluster_member_started",
+                        redis=self.client.config.display_url,
+                        config_version=self.manager.version,
+                    )
+                    task_status.started(self)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(self.client.config.timeout):
                     try:
                         await self.registry.leave()
                     except ClusterUnavailable:
                         pass  # its entries expire within lease_ttl
+                client_scope.cancel()
+
+    async def _run_client(
+        self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[Any]
+    ) -> None:
+        with scope:
+            await self.client.run(task_status=task_status)
 
     async def _subscriber(self) -> None:
         """Apply announced versions, run commands sent to this unit; resubscribe on errors."""
@@ -118,8 +128,10 @@ class Member:
                     await self._sync()
                     async for message in pubsub:
                         await self._message(message)
-            except (Exception, ClusterUnavailable) as exc:
-                self._log.debug("cluster_subscription_lost", error=repr(exc))
+            except* Exception as group:
+                # Redis gone, or coredis failing to unsubscribe from a connection
+                # closed under it at shutdown (the Cancelled parts still propagate).
+                self._log.debug("cluster_subscription_lost", error=repr(group.exceptions[0]))
             await trio.sleep(RESUBSCRIBE)
 
     async def _message(self, message: Any) -> None:
