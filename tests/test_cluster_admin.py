@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ async def status(port: int, path: str) -> int:
     await client.aclose()
     assert client.response is not None
     return client.response.status
+
+
+async def poll(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
+    """Until ``check()`` is true, for at most ``seconds``."""
+    with trio.fail_after(seconds):
+        while not await check():  # noqa: ASYNC110
+            await trio.sleep(0.05)
 
 
 def version(response: httpx.Response) -> int:
@@ -152,10 +160,12 @@ async def test_a_pair_on_one_unit_is_listed_and_closed_from_another(
         }
         client = await RawClient.connect(b.port, "/echo")
         try:
-            with trio.fail_after(5):
-                while not (listed := (await http.get("/connections")).json()["connections"]):
-                    await trio.sleep(0.05)
-            [pair] = listed
+
+            async def listed() -> bool:
+                return bool((await http.get("/connections")).json()["connections"])
+
+            await poll(listed, 5)
+            [pair] = (await http.get("/connections")).json()["connections"]
             assert pair["unit_id"] == member(b).unit_id and pair["api"] == "echo"
             assert (await http.get(f"/connections/{pair['id']}")).json()["unit_id"] == member(
                 b
@@ -175,13 +185,19 @@ async def test_a_pair_on_one_unit_is_listed_and_closed_from_another(
         finally:
             await client.aclose()
         assert (await http.delete("/connections/no-such-pair")).status_code == 404
-        with trio.fail_after(5):
-            while (await http.get("/connections")).json()["connections"]:
-                await trio.sleep(0.05)
+
+        async def none_listed() -> bool:
+            return not (await http.get("/connections")).json()["connections"]
+
+        await poll(none_listed, 5)
         [unit_b] = [
             u for u in (await http.get("/units")).json()["units"] if u["id"] != units["unit_id"]
         ]
         assert unit_b["open_pairs"] == 0 and unit_b["config_version"] == 1
+
+
+async def none(http: httpx.AsyncClient) -> bool:
+    return not (await http.get("/connections")).json()["connections"]
 
 
 def member(admin: Admin) -> Any:
@@ -331,15 +347,15 @@ async def test_a_killed_units_pairs_leave_the_list_within_lease_ttl(
             client = await RawClient.connect(b.port, "/echo")
             assert client.response is not None and client.response.status == 101
             try:
-                with trio.fail_after(5):
-                    while not (await http.get("/connections")).json()["connections"]:
-                        await trio.sleep(0.05)
+
+                async def listed() -> bool:
+                    return bool((await http.get("/connections")).json()["connections"])
+
+                await poll(listed, 5)
                 assert len((await http.get("/units")).json()["units"]) == 2
                 b.process.kill()
                 killed = trio.current_time()
-                with trio.fail_after(lease_ttl + 1.0):
-                    while (await http.get("/connections")).json()["connections"]:
-                        await trio.sleep(0.05)
+                await poll(lambda: none(http), lease_ttl + 1.0)
                 assert trio.current_time() - killed <= lease_ttl + 0.5
                 assert len((await http.get("/units")).json()["units"]) == 1
             finally:

@@ -42,22 +42,22 @@ async def serve_admin(
     ``/metrics`` and attached to ``gateway``.
     """
     log = structlog.get_logger("wsgate.admin")
-    async with trio.open_nursery() as nursery:
-        if gateway.config.cluster is not None:
-            from wsgate.cluster.member import member_for, serve_member
+    if gateway.config.cluster is None:
+        # Outside any nursery: a state file that does not fit is a plain ConfigError.
+        await _serve(gateway, admin, metrics, manager_for(gateway, admin.state_file), task_status)
+        return
+    from wsgate.cluster.member import member_for, serve_member
 
-            if member_for(gateway) is None:  # embedded: the CLI starts it before us
-                await nursery.start(serve_member, gateway, str(admin.listen))
-            if admin.state_file is not None:
-                log.warning(
-                    "state_file_unused",
-                    state_file=str(admin.state_file),
-                    detail="with [cluster], management changes are kept in Redis",
-                )
-            manager = manager_for(gateway)
-        else:
-            manager = manager_for(gateway, admin.state_file)
-        await _serve(gateway, admin, metrics, manager, task_status)
+    if admin.state_file is not None:
+        log.warning(
+            "state_file_unused",
+            state_file=str(admin.state_file),
+            detail="with [cluster], management changes are kept in Redis",
+        )
+    async with trio.open_nursery() as nursery:
+        if member_for(gateway) is None:  # embedded: the CLI starts it before us
+            await nursery.start(serve_member, gateway, str(admin.listen))
+        await _serve(gateway, admin, metrics, manager_for(gateway), task_status)
 
 
 async def _serve(
