@@ -8,6 +8,8 @@ change, lease_ttl for a dead unit, timeout + 100 ms for a 503), loose elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -362,3 +364,101 @@ async def test_a_killed_units_pairs_leave_the_list_within_lease_ttl(
                 await client.aclose()
     finally:
         await b.stop(signal.SIGKILL)
+
+
+def test_workers_with_admin_without_cluster_refuse_naming_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wsgate.cli import main
+
+    path = tmp_path / "gw.toml"
+    path.write_text(f'[admin]\ntoken = "{TOKEN}"\n')
+    assert main(["serve", "--config", str(path), "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "[admin] with --workers 2 needs a [cluster] table" in err and "--workers 1" in err
+
+
+def attempts_total(text: str) -> float:
+    """The sum of every wsgate_connection_attempts_total sample of an exposition."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("wsgate_connection_attempts_total{")
+    )
+
+
+@pytest.mark.deadline(90)
+async def test_two_workers_serve_one_admin_port_and_metrics_for_the_machine(
+    echo_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    path = unit_file(tmp_path / "gw.toml", echo_url, redis_url, "echo")
+    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(path), "--workers", "2"]
+    process = await trio.lowlevel.open_process(command, stdout=-1)
+    assert process.stdout is not None
+    lines = Lines(process.stdout)
+    try:
+        started = await lines.until(lambda r: r["event"] == "workers_started")
+        port = int(started["address"].rsplit(":", 1)[1])
+        admin_port = int(started["admin_address"].rsplit(":", 1)[1])
+        for worker in (0, 1):
+            await lines.until(
+                lambda r, w=worker: r["event"] == "admin_started" and r.get("worker") == w
+            )
+            await lines.until(
+                lambda r, w=worker: r["event"] == "gateway_started" and r.get("worker") == w
+            )
+        statuses = [await status(port, "echo") for _ in range(20)]
+        assert statuses == [101] * 20
+        await lines.until(lambda _: sum(r["event"] == "handshake" for r in lines.seen) >= 20)
+        served = {r.get("worker") for r in lines.seen if r["event"] == "handshake"}
+        assert served == {0, 1}, "SO_REUSEPORT spread the handshakes over both workers"
+        base = f"http://127.0.0.1:{admin_port}"
+        async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=10) as http:
+            scrapes = []
+            for _ in range(10):
+                # A new connection each time, so the kernel may pick either worker.
+                async with httpx.AsyncClient(base_url=base, timeout=10) as fresh:
+                    scrapes.append((await fresh.get("/metrics")).text)
+            assert [attempts_total(text) for text in scrapes] == [20.0] * 10
+            assert all(
+                'wsgate_connection_attempts_total{api="echo",response_code="101"} 20.0' in text
+                for text in scrapes
+            )
+            assert all("wsgate_connections_active{api=" in text for text in scrapes)
+            # Any worker answers the management API the same way.
+            put = await http.put("/apis/more", json={"path": "more", "service_url": echo_url})
+            assert put.status_code == 201
+            with trio.fail_after(5):
+                while True:
+                    versions = set()
+                    for _ in range(6):
+                        async with httpx.AsyncClient(base_url=base, headers=AUTH) as fresh:
+                            versions.add(version(await fresh.get("/apis")))
+                    if versions == {2}:
+                        break
+            assert [await status(port, "more") for _ in range(6)] == [101] * 6
+
+            async def units_at_version_2() -> bool:
+                units = (await http.get("/units")).json()["units"]
+                assert len(units) == 2
+                return {u["config_version"] for u in units} == {2}
+
+            await poll(units_at_version_2, 5)  # as each worker last published itself
+
+            async def both_at_version_2() -> bool:
+                text = (await http.get("/metrics")).text
+                return "wsgate_cluster_config_version 2.0" in text  # livemin: every worker
+
+            await poll(both_at_version_2, 5)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            for record in lines.seen:  # workers run in sessions of their own
+                if record["event"] == "worker_started":
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(record["pid"], signal.SIGKILL)
+        await process.wait()
+        await process.stdout.aclose()

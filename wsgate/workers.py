@@ -9,9 +9,12 @@ Workers log to the same stdout; each record carries ``worker``.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -48,14 +51,35 @@ def reserve_port(listen: Listen) -> tuple[socket.socket, Listen]:
 
 
 async def supervise(
-    config_path: Path, listen: Listen, total: int, log_args: Sequence[str] = ()
+    config_path: Path,
+    listen: Listen,
+    total: int,
+    log_args: Sequence[str] = (),
+    admin_listen: Listen | None = None,
 ) -> None:
     """Run ``total`` workers until SIGTERM/SIGINT, restarting any that die.
 
     ``log_args`` (``--pretty``, ``--log-level LEVEL``) are passed on to each worker.
+    With ``admin_listen`` ([admin], allowed with [cluster]) every worker serves
+    the admin listener on that one port too, and writes its metrics to a fresh
+    prometheus-client multiprocess directory (:mod:`wsgate.machine_metrics`)
+    so any worker's ``/metrics`` reports them all.
     """
     log = structlog.get_logger("wsgate.workers")
     placeholder, listen = reserve_port(listen)
+    extra: list[str] = []
+    env: dict[str, str] | None = None
+    admin_placeholder: socket.socket | None = None
+    metrics_dir: str | None = None
+    if admin_listen is not None:
+        try:
+            admin_placeholder, admin_listen = reserve_port(admin_listen)
+        except BaseException:
+            placeholder.close()
+            raise
+        extra = ["--admin-listen", str(admin_listen)]
+        metrics_dir = tempfile.mkdtemp(prefix="wsgate-metrics-")
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     processes: dict[int, trio.Process] = {}
     stopping = False
 
@@ -73,15 +97,18 @@ async def supervise(
                 str(listen),
                 "--worker",
                 f"{index}/{total}",
+                *extra,
                 *log_args,
             ]
             # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
             # forwards one SIGTERM (a second signal to a worker cuts its drain short).
-            process = await trio.lowlevel.open_process(command, start_new_session=True)
+            process = await trio.lowlevel.open_process(command, start_new_session=True, env=env)
             processes[index] = process
             log.info("worker_started", worker=index, pid=process.pid)
             started = trio.current_time()
             code = await process.wait()
+            if metrics_dir is not None:
+                _mark_dead(process.pid, metrics_dir)  # its live gauges leave the sums
             if stopping:
                 return
             log.warning("worker_exited", worker=index, pid=process.pid, exit_code=code)
@@ -94,20 +121,37 @@ async def supervise(
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
 
-    with placeholder, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            async with trio.open_nursery() as workers:
-                for index in range(total):
-                    workers.start_soon(worker, index)
-                log.info("workers_started", workers=total, address=str(listen))
-                async for signum in signals:
-                    log.info("signal_received", signal=signal.Signals(signum).name)
-                    stopping = True
-                    forward()
-                    break
-                # Workers drain; a second signal is forwarded and cuts that short.
-                nursery.start_soon(_forward_more, signals, forward)
-            nursery.cancel_scope.cancel()
+    try:
+        with placeholder, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as workers:
+                    for index in range(total):
+                        workers.start_soon(worker, index)
+                    log.info(
+                        "workers_started",
+                        workers=total,
+                        address=str(listen),
+                        admin_address=None if admin_listen is None else str(admin_listen),
+                    )
+                    async for signum in signals:
+                        log.info("signal_received", signal=signal.Signals(signum).name)
+                        stopping = True
+                        forward()
+                        break
+                    # Workers drain; a second signal is forwarded and cuts that short.
+                    nursery.start_soon(_forward_more, signals, forward)
+                nursery.cancel_scope.cancel()
+    finally:
+        if admin_placeholder is not None:
+            admin_placeholder.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _mark_dead(pid: int, path: str) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 async def _forward_more(signals: AsyncIterator[int], forward: Callable[[], None]) -> None:

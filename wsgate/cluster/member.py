@@ -78,6 +78,8 @@ class Member:
         self.shared = SharedConfig(self.client)
         self.manager = ClusterManager(gateway, self.shared)
         self.registry = UnitRegistry(self.client, self.unit_id)
+        #: Live units in the cluster at the last full publish (None: not known yet).
+        self.live_units: int | None = None
         self._published: set[str] = set()
         self._published_state: tuple[int, tuple[tuple[str, int], ...]] | None = None
         self._log = structlog.get_logger("wsgate.cluster").bind(unit_id=self.unit_id)
@@ -183,6 +185,7 @@ class Member:
                 if now >= next_full:
                     await self._publish(replace=True)
                     next_full = now + interval
+                    self.live_units = len(await self.registry.units())
                 elif (
                     self._published != set(self.gateway.pairs)
                     or self._published_state != self._state()
