@@ -9,6 +9,7 @@ change, lease_ttl for a dead unit, timeout + 100 ms for a 503), loose elsewhere.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import attrs
 import httpx
 import pytest
+import structlog
 import trio
 from trio_websocket import open_websocket_url
 
@@ -373,7 +375,10 @@ def test_workers_with_admin_without_cluster_refuse_naming_cluster(
 
     path = tmp_path / "gw.toml"
     path.write_text(f'[admin]\ntoken = "{TOKEN}"\n')
-    assert main(["serve", "--config", str(path), "--workers", "2"]) == 1
+    try:
+        assert main(["serve", "--config", str(path), "--workers", "2"]) == 1
+    finally:
+        structlog.reset_defaults()  # main() configured it to write to this test's capture
     err = capsys.readouterr().err
     assert "[admin] with --workers 2 needs a [cluster] table" in err and "--workers 1" in err
 
@@ -462,3 +467,112 @@ async def test_two_workers_serve_one_admin_port_and_metrics_for_the_machine(
                         os.kill(record["pid"], signal.SIGKILL)
         await process.wait()
         await process.stdout.aclose()
+
+
+async def test_if_match_on_patch_and_delete_and_without_cluster(
+    nursery: trio.Nursery, echo_url: str, redis_url: str
+) -> None:
+    clustered = await start_admin(nursery, parse_config(document(echo_url, redis_url, "a", "b")))
+    single = await start_admin(
+        nursery,
+        parse_config(
+            {
+                "gateway": {"listen": "127.0.0.1:0"},
+                "apis": [{"name": "a", "path": "a", "service_url": echo_url}],
+            }
+        ),
+    )
+    for admin in (clustered, single):
+        async with admin.client() as http:
+            current = version(await http.get("/apis/a"))
+            patched = await http.patch(
+                "/apis/a", json={"idle_timeout": 30}, headers={"If-Match": f'"{current}"'}
+            )
+            assert patched.status_code == 200 and version(patched) == current + 1
+            stale = await http.patch(
+                "/apis/a", json={"idle_timeout": 40}, headers={"If-Match": f'W/"{current}"'}
+            )
+            assert stale.status_code == 409 and stale.json()["version"] == current + 1
+            gone = await http.delete("/apis/a", headers={"If-Match": str(current)})
+            assert gone.status_code == 409
+            assert (await http.get("/apis/a")).json()["idle_timeout"] == 30
+            deleted = await http.delete("/apis/a", headers={"If-Match": str(current + 1)})
+            assert deleted.status_code == 200 and version(deleted) == current + 2
+    async with single.client() as http:
+        assert (await http.get("/units")).status_code == 404
+
+
+async def test_single_process_metrics_show_the_cluster_gauges(
+    nursery: trio.Nursery, echo_url: str, redis_url: str
+) -> None:
+    a, b = await two_units(nursery, document(echo_url, redis_url, "echo"))
+    async with a.client() as http:
+        put = await http.put("/apis/x", json={"path": "x", "service_url": echo_url})
+        assert put.status_code == 201
+
+        async def gauges() -> bool:
+            text = (await http.get("/metrics")).text
+            return "wsgate_cluster_config_version 2.0" in text and "wsgate_cluster_units " in text
+
+        await poll(gauges, 5)
+    async with b.client() as http:
+        text = (await http.get("/metrics")).text
+        assert "wsgate_cluster_config_version 2.0" in text
+        [units] = [line for line in text.splitlines() if line.startswith("wsgate_cluster_units ")]
+        assert float(units.split()[1]) in (1.0, 2.0)  # as last listed: 2 once both published
+
+
+SILENT_WRITE = """
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'document', ARGV[2])
+return 1
+"""
+
+
+async def test_a_unit_that_missed_the_announcement_catches_up_by_polling(
+    nursery: trio.Nursery, echo_url: str, redis_url: str
+) -> None:
+    from wsgate.cluster.configdoc import POLL_INTERVAL
+    from wsgate.cluster.redis import RedisClient
+    from wsgate.cluster.settings import ClusterConfig
+
+    a = await start_admin(nursery, parse_config(document(echo_url, redis_url, "echo")))
+    client = await nursery.start(RedisClient(ClusterConfig(redis_url=redis_url, timeout=5)).run)
+    tables = {
+        "apis": [{"name": "quiet", "path": "quiet", "service_url": echo_url}],
+        "products": [],
+        "subscriptions": [],
+    }
+    # Stored without a pub/sub announcement, as if this unit had missed it.
+    await client.script(SILENT_WRITE, ["wsgate:config"], [7, json.dumps(tables)])
+    with trio.fail_after(POLL_INTERVAL + 2):
+        while await status(a.port, "quiet") != 101:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+    assert await status(a.port, "echo") == 404
+    assert member(a).manager.version == 7
+
+
+async def test_redis_restarted_empty_gets_the_running_document_back(
+    nursery: trio.Nursery, echo_url: str, own_redis: RedisServer
+) -> None:
+    from wsgate.cluster.configdoc import POLL_INTERVAL
+
+    a = await start_admin(
+        nursery, parse_config(document(echo_url, own_redis.url, "echo", timeout=0.5))
+    )
+    async with a.client() as http:
+        assert (
+            await http.put("/apis/kept", json={"path": "kept", "service_url": echo_url})
+        ).status_code == 201
+    own_redis.kill()
+    own_redis.start()  # empty: it keeps nothing on disk
+
+    async def reseeded() -> bool:
+        return own_redis.call("HGET", "wsgate:config", "version").startswith(b"$1\r\n2")
+
+    await poll(reseeded, POLL_INTERVAL + 3)
+    # A unit starting now runs that document, not its own file.
+    b = await start_admin(
+        nursery, parse_config(document(echo_url, own_redis.url, "other", timeout=0.5))
+    )
+    assert await status(b.port, "kept") == 101
+    assert await status(b.port, "other") == 404
