@@ -258,12 +258,15 @@ class Member:
     async def terminate_remote(self, correlation_id: str, reason: str) -> str | None:
         """Ask the unit holding ``correlation_id`` to close it with 1008; its id, or None.
 
-        Raises ClusterUnavailable.
+        Raises ClusterUnavailable, also when the owning unit is listed but not
+        subscribed to its commands (reconnecting to Redis): retry shortly.
         """
         command = {"op": "terminate", "id": correlation_id, "reason": reason, "from": self.unit_id}
         owner, _, receivers = await self.registry.find(correlation_id, command)
-        if owner is None or owner == self.unit_id or receivers == 0:
+        if owner is None or owner == self.unit_id:
             return None
+        if receivers == 0:
+            raise ClusterUnavailable(f"unit {owner} holds the pair but is not listening")
         return owner
 
 
