@@ -576,3 +576,26 @@ async def test_redis_restarted_empty_gets_the_running_document_back(
     )
     assert await status(b.port, "kept") == 101
     assert await status(b.port, "other") == 404
+
+
+async def test_a_unit_started_while_redis_is_down_serves_its_file_then_joins(
+    nursery: trio.Nursery, echo_url: str, own_redis: RedisServer
+) -> None:
+    from wsgate.cluster.configdoc import POLL_INTERVAL
+
+    own_redis.kill()
+    a = await start_admin(
+        nursery, parse_config(document(echo_url, own_redis.url, "echo", timeout=0.3))
+    )
+    assert await status(a.port, "echo") == 101  # its file, while Redis is gone
+    async with a.client() as http:
+        put = await http.put("/apis/later", json={"path": "later", "service_url": echo_url})
+        assert put.status_code == 503
+        own_redis.start()
+
+        async def joined() -> bool:
+            return own_redis.call("HGET", "wsgate:config", "version").startswith(b"$1\r\n1")
+
+        await poll(joined, POLL_INTERVAL + 3)  # it seeded the empty Redis with its file
+        put = await http.put("/apis/later", json={"path": "later", "service_url": echo_url})
+        assert put.status_code == 201 and version(put) == 2

@@ -172,7 +172,9 @@ class Member:
                 version = await self.shared.version()
             except ClusterUnavailable:
                 continue
-            if version != self.manager.version:
+            if version == 0 or version != self.manager.version:
+                # 0: Redis holds no document (restarted empty, or never seeded because
+                # this unit started while it was down): sync() seeds it.
                 await self._sync(version or None)
 
     async def _keeper(self) -> None:
