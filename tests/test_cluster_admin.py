@@ -20,7 +20,6 @@ from typing import Any
 import attrs
 import httpx
 import pytest
-import structlog
 import trio
 from trio_websocket import open_websocket_url
 
@@ -375,10 +374,7 @@ def test_workers_with_admin_without_cluster_refuse_naming_cluster(
 
     path = tmp_path / "gw.toml"
     path.write_text(f'[admin]\ntoken = "{TOKEN}"\n')
-    try:
-        assert main(["serve", "--config", str(path), "--workers", "2"]) == 1
-    finally:
-        structlog.reset_defaults()  # main() configured it to write to this test's capture
+    assert main(["serve", "--config", str(path), "--workers", "2"]) == 1
     err = capsys.readouterr().err
     assert "[admin] with --workers 2 needs a [cluster] table" in err and "--workers 1" in err
 
