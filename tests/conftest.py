@@ -47,6 +47,9 @@ def _scan(_logger: Any, _name: str, event: Any) -> Any:
 @pytest.fixture(autouse=True)
 def _scan_every_log_record() -> None:
     """(Re)install the scan: a test may have configured structlog (the CLI does)."""
+    # All of it: the CLI's logger factory (bound to that test's captured stdout) and
+    # its cache_logger_on_first_use would otherwise outlive the test that ran main().
+    structlog.reset_defaults()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -513,6 +513,7 @@ EXPECTED_PATHS = {
     "/subscriptions/{id}",
     "/connections",
     "/connections/{id}",
+    "/units",
     "/reload",
 }
 

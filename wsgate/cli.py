@@ -7,6 +7,7 @@ library itself just logs, so an embedding application stays in charge.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from .echo import serve_echo
 from .errors import ConfigError, WorkerBootFailure
 from .gateway import Gateway, raise_fd_limit
 from .logs import utc_now
+from .machine_metrics import MachineMetrics, multiprocess_dir
 from .metrics import GatewayMetrics
 from .workers import report_ready, supervise, worker_share
 
@@ -133,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         "core. max_connections is divided among them; a worker that dies after serving is "
         "restarted, one that fails to start stops them all (exit status 1).",
     )
-    # Set by the supervisor: "i/n", and the pipe to report "serving" on.
+    # Set by the supervisor: "i/n", the pipe to report "serving" on, the admin address.
     serve.add_argument("--worker", help=argparse.SUPPRESS)
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--admin-listen", type=_listen, help=argparse.SUPPRESS)
 
     check = sub.add_parser(
         "check",
@@ -211,10 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(json=not args.pretty, level=LOG_LEVELS[args.log_level])
     workers = getattr(args, "workers", 1)
     if workers > 1:
-        if config.admin is not None:
+        if config.admin is not None and config.cluster is None:
             print(
-                f"wsgate: {args.config}: [admin] needs a single process (its changes and "
-                "metrics would reach one worker only); run with --workers 1",
+                f"wsgate: {args.config}: [admin] with --workers {workers} needs a [cluster] "
+                "table (its changes, connections and metrics would reach one worker only; "
+                "with [cluster] every worker shares them through Redis, docs/cluster.md), "
+                "or run with --workers 1",
                 file=sys.stderr,
             )
             return 1
@@ -230,13 +235,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         log_args = [*(["--pretty"] if args.pretty else []), "--log-level", args.log_level]
-        return _run(supervise, args.config, config.gateway.listen, workers, log_args)
+        admin_listen = None if config.admin is None else config.admin.listen
+        return _run(supervise, args.config, config.gateway.listen, workers, log_args, admin_listen)
     reuse_port = False
     if getattr(args, "worker", None):
         index, total = (int(part) for part in args.worker.split("/"))
         structlog.contextvars.bind_contextvars(worker=index)
         share = worker_share(config, index, total)
         config = attrs.evolve(config, gateway=attrs.evolve(config.gateway, max_connections=share))
+        if args.admin_listen is not None and config.admin is not None:
+            config = attrs.evolve(
+                config, admin=attrs.evolve(config.admin, listen=args.admin_listen)
+            )
         reuse_port = True
     return _run(_serve, config, demo, reuse_port, getattr(args, "ready_fd", None))
 
@@ -339,7 +349,14 @@ async def _serve(
                         "echo_server_started", host=backend.host, port=backend.port, url=backend.url
                     )
             # Metrics cost nothing on the relay path; they are served by the admin listener.
-            metrics = GatewayMetrics() if config.admin is not None else None
+            metrics: GatewayMetrics | None = None
+            if config.admin is not None:
+                metrics = GatewayMetrics()
+                if reuse_port and multiprocess_dir() is not None:
+                    # --workers N: /metrics answers for every worker of the machine.
+                    machine = MachineMetrics()
+                    nursery.start_soon(machine.run)
+                    metrics = machine
             try:
                 server = Gateway(
                     config,
@@ -348,11 +365,23 @@ async def _serve(
                 )
             except OSError as exc:  # ssl.SSLError: the certificate and key do not load
                 raise StartupError(f"cannot load the gateway's TLS certificate: {exc}") from exc
+            if config.cluster is not None:
+                # Before the gateway accepts: it serves the shared configuration.
+                from .cluster.member import serve_member
+
+                await nursery.start(serve_member, server)
             if config.admin is not None:
                 what = f"the admin listener on {config.admin.listen}"
                 try:
                     # Applies the state file to the config before the gateway accepts.
-                    await _start(nursery, what, serve_admin, server, config.admin, metrics)
+                    await _start(
+                        nursery,
+                        what,
+                        functools.partial(serve_admin, reuse_port=reuse_port),
+                        server,
+                        config.admin,
+                        metrics,
+                    )
                 except ConfigError as exc:
                     raise StartupError(f"cannot start {what}:\n{exc}") from exc
             await nursery.start(reload_on_sighup, server, config.admin)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway
     from .relay import Pair
 
-__all__ = ["DURATION_BUCKETS", "MESSAGE_TYPES", "GatewayMetrics"]
+__all__ = ["DURATION_BUCKETS", "MESSAGE_TYPES", "GatewayMetrics", "cluster_gauges"]
 
 #: Upper bounds (seconds) of the handshake-duration histograms' buckets.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -146,6 +146,8 @@ class GatewayMetrics:
             closes,
             refused,
             redis,
+            config_version,
+            units,
         ) = families
         for (api, code), count in sorted(self._attempts.items()):
             attempts.add_metric([api, code], count)
@@ -176,6 +178,8 @@ class GatewayMetrics:
                     byte_totals[key3] = byte_totals.get(key3, 0) + count_bytes
             if gateway.cluster is not None:
                 redis.add_metric([], gateway.cluster.client.errors)
+                for name, value in cluster_gauges(gateway).items():
+                    (config_version if name == "config_version" else units).add_metric([], value)
             stats = gateway.stats()
             capacity.add_metric([], open_pairs / stats.capacity if stats.capacity else 0.0)
             in_progress.add_metric([], stats.handshakes_in_progress)
@@ -251,7 +255,28 @@ class GatewayMetrics:
                 "wsgate_cluster_redis_errors",
                 "Redis calls of the [cluster] counters that failed or timed out.",
             ),
+            GaugeMetricFamily(
+                "wsgate_cluster_config_version",
+                "Version of the shared configuration ([cluster]) this unit runs.",
+            ),
+            GaugeMetricFamily(
+                "wsgate_cluster_units",
+                "Live units of the cluster, as this unit last listed them.",
+            ),
         ]
+
+
+def cluster_gauges(gateway: Gateway) -> dict[str, float]:
+    """``config_version`` and ``units`` of ``gateway``'s cluster member (those known)."""
+    from .cluster.member import member_for
+
+    member = member_for(gateway)
+    if member is None:
+        return {}
+    gauges = {"config_version": float(member.manager.version)}
+    if member.live_units is not None:
+        gauges["units"] = float(member.live_units)
+    return gauges
 
 
 def _counts(pair: Pair) -> tuple[tuple[tuple[int, ...], int], tuple[tuple[int, ...], int]]:

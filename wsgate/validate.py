@@ -268,6 +268,7 @@ def key_spec(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
 
 # --- addresses ------------------------------------------------------------------------------
 
+
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """An address or CIDR range; ValueError naming the mistake (host bits, syntax)."""
     try:

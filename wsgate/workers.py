@@ -20,11 +20,13 @@ passes through the supervisor, which keeps its last lines to quote.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import site
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,22 +103,43 @@ def report_ready(fd: int) -> None:
 
 
 async def supervise(
-    config_path: Path, listen: Listen, total: int, log_args: Sequence[str] = ()
+    config_path: Path,
+    listen: Listen,
+    total: int,
+    log_args: Sequence[str] = (),
+    admin_listen: Listen | None = None,
 ) -> None:
     """Run ``total`` workers until SIGTERM/SIGINT, restarting any that die after serving.
 
     ``log_args`` (``--pretty``, ``--log-level LEVEL``) are passed on to each worker.
     Raises :class:`~wsgate.errors.WorkerBootFailure` (once every worker has
     stopped) when a worker exits before it is serving.
+
+    With ``admin_listen`` ([admin], allowed with [cluster]) every worker serves
+    the admin listener on that one port too, and writes its metrics to a fresh
+    prometheus-client multiprocess directory (:mod:`wsgate.machine_metrics`)
+    so any worker's ``/metrics`` reports them all.
     """
     log = structlog.get_logger("wsgate.workers")
     placeholder, listen = reserve_port(listen)
+    extra: list[str] = []
+    admin_placeholder: socket.socket | None = None
+    metrics_dir: str | None = None
+    environment = worker_environment()
+    if admin_listen is not None:
+        try:
+            admin_placeholder, admin_listen = reserve_port(admin_listen)
+        except BaseException:
+            placeholder.close()
+            raise
+        extra = ["--admin-listen", str(admin_listen)]
+        metrics_dir = tempfile.mkdtemp(prefix="wsgate-metrics-")
+        environment = {**(environment or os.environ), "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     processes: dict[int, trio.Process] = {}
     serving: set[int] = set()
     all_serving = trio.Event()
     failures: list[WorkerBootFailure] = []
     stopping = False
-    environment = worker_environment()
 
     def stop() -> None:
         nonlocal stopping
@@ -140,6 +163,7 @@ async def supervise(
                 f"{index}/{total}",
                 "--ready-fd",
                 str(ready_write),
+                *extra,
                 *log_args,
             ]
             try:
@@ -171,6 +195,8 @@ async def supervise(
                     if len(serving) == total:
                         all_serving.set()
                 code = await process.wait()
+            if metrics_dir is not None:
+                _mark_dead(process.pid, metrics_dir)  # its live gauges leave the sums
             if stopping:
                 return
             if not served:
@@ -193,7 +219,12 @@ async def supervise(
 
     async def announce() -> None:
         await all_serving.wait()
-        log.info("workers_started", workers=total, address=str(listen))
+        log.info(
+            "workers_started",
+            workers=total,
+            address=str(listen),
+            admin_address=None if admin_listen is None else str(admin_listen),
+        )
 
     async def on_signals() -> None:
         async for signum in signals:
@@ -202,16 +233,28 @@ async def supervise(
             # Workers drain; a second signal is forwarded and cuts that short.
             stop()
 
-    with placeholder, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(on_signals)
-            nursery.start_soon(announce)
-            async with trio.open_nursery() as workers:
-                for index in range(total):
-                    workers.start_soon(worker, index)
-            nursery.cancel_scope.cancel()  # every worker has stopped
+    try:
+        with placeholder, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(on_signals)
+                nursery.start_soon(announce)
+                async with trio.open_nursery() as workers:
+                    for index in range(total):
+                        workers.start_soon(worker, index)
+                nursery.cancel_scope.cancel()  # every worker has stopped
+    finally:
+        if admin_placeholder is not None:
+            admin_placeholder.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     if failures:
         raise failures[0]
+
+
+def _mark_dead(pid: int, path: str) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 async def _wait_ready(fd: int) -> bool:

@@ -26,17 +26,26 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from wsgate.closing import TERMINATE_CODE
-from wsgate.logs import utc_iso
+from wsgate.errors import ClusterUnavailable
 
 from .console_routes import web_routes
-from .manager import KEYS, Invalid, ManagementError, Manager, NotFound, problem
+from .manager import (
+    KEYS,
+    Invalid,
+    ManagementError,
+    Manager,
+    NotFound,
+    StaleVersion,
+    Unavailable,
+    problem,
+)
 from .openapi import openapi_document
+from .serialize import connection_json
 from .settings import TOKEN_ENV
 
 if TYPE_CHECKING:
     from wsgate.gateway import Gateway
     from wsgate.metrics import GatewayMetrics
-    from wsgate.relay import Pair
 
 __all__ = ["DEFAULT_TERMINATE_REASON", "MAX_BODY", "build_app"]
 
@@ -63,21 +72,6 @@ def _errors(status: int, problems: list[dict[str, Any]], **headers: str) -> JSON
     return JSONResponse({"errors": problems}, status_code=status, headers=headers or None)
 
 
-def connection_json(pair: Pair, now: float, trio_now: float) -> dict[str, Any]:
-    """One open pair as ``GET /connections`` lists it."""
-    return {
-        "id": pair.correlation_id,
-        "api": pair.api,
-        "caller_ip": pair.caller_ip,
-        "connected_since": utc_iso(pair.connected_at),
-        "last_activity": utc_iso(now - max(0.0, trio_now - pair.last_activity)),
-        "messages_from_client": pair.messages_from_client,
-        "messages_from_backend": pair.messages_from_backend,
-        "bytes_from_client": pair.bytes_from_client,
-        "bytes_from_backend": pair.bytes_from_backend,
-    }
-
-
 async def _json_body(request: Request, *, required: bool = True) -> Any:
     too_large = _TooLarge([problem(None, f"the request body is over {MAX_BODY} bytes")])
     length = request.headers.get("content-length", "")
@@ -97,6 +91,34 @@ async def _json_body(request: Request, *, required: bool = True) -> Any:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise Invalid([problem(None, f"the request body is not valid JSON: {exc}")]) from None
+
+
+def _if_match(request: Request) -> int | None:
+    """The version an ``If-Match`` header names (``"7"``, ``W/"7"`` or ``7``); None without one."""
+    value = request.headers.get("if-match")
+    if value is None or value.strip() == "*":
+        return None
+    text = value.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise Invalid(
+            [problem("If-Match", f'expected a configuration version such as "7", got {value!r}')]
+        )
+    return int(text)
+
+
+def _member(gateway: Gateway) -> Any:
+    """The gateway's cluster member ([cluster]), or None."""
+    if gateway.config.cluster is None:
+        return None
+    from wsgate.cluster.member import member_for
+
+    return member_for(gateway)
+
+
+def _redis_down(exc: Exception, what: str) -> Unavailable:
+    return Unavailable(
+        [problem(None, f"{what}: the cluster's Redis is unavailable ({exc}); retry later")]
+    )
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -147,6 +169,12 @@ class _Admin:
                 return await endpoint(request)
             except _TooLarge as exc:  # the rest of the body is not read: end the connection
                 return _errors(exc.status, exc.problems, Connection="close")
+            except StaleVersion as exc:
+                return JSONResponse(
+                    {"errors": exc.problems, "version": exc.version},
+                    status_code=exc.status,
+                    headers={"ETag": f'"{exc.version}"'},
+                )
             except ManagementError as exc:
                 return _errors(exc.status, exc.problems)
 
@@ -181,65 +209,120 @@ class _Admin:
         """The endpoints of ``/{name}`` and ``/{name}/{key}``."""
         manager = self.manager
 
+        def tagged(response: Response) -> Response:
+            response.headers["ETag"] = f'"{manager.version}"'
+            return response
+
         async def items(request: Request) -> Response:
             if request.method == "POST":
-                key, table = await manager.create(name, await _json_body(request))
-                return JSONResponse(table, status_code=201, headers={"Location": f"/{name}/{key}"})
-            return JSONResponse({name: manager.list_items(name)})
+                expect = _if_match(request)
+                body = await _json_body(request)
+                key, table = await manager.create(name, body, expect=expect)
+                return tagged(
+                    JSONResponse(table, status_code=201, headers={"Location": f"/{name}/{key}"})
+                )
+            return tagged(JSONResponse({name: manager.list_items(name)}))
 
         async def item(request: Request) -> Response:
             key = request.path_params["key"]
             if request.method == "GET":
-                return JSONResponse(manager.get(name, key))
+                return tagged(JSONResponse(manager.get(name, key)))
+            expect = _if_match(request)
             if request.method == "PUT":
-                created, table = await manager.put(name, key, await _json_body(request))
+                body = await _json_body(request)
+                created, table = await manager.put(name, key, body, expect=expect)
                 if created:
-                    return JSONResponse(
-                        table, status_code=201, headers={"Location": f"/{name}/{key}"}
+                    return tagged(
+                        JSONResponse(table, status_code=201, headers={"Location": f"/{name}/{key}"})
                     )
-                return JSONResponse(table)
+                return tagged(JSONResponse(table))
             if request.method == "PATCH":
-                return JSONResponse(await manager.patch(name, key, await _json_body(request)))
+                body = await _json_body(request)
+                return tagged(JSONResponse(await manager.patch(name, key, body, expect=expect)))
             # DELETE
             terminate = name == "apis" and _flag(request, "terminate")
-            await manager.delete(name, key)
+            await manager.delete(name, key, expect=expect)
             result: dict[str, Any] = {"deleted": key}
             if name == "apis":
                 result["terminated"] = self.gateway.terminate_api(key) if terminate else 0
-            return JSONResponse(result)
+            return tagged(JSONResponse(result))
 
         return self.protected(items), self.protected(item)
 
     # -- connections ---------------------------------------------------------------
     async def connections(self, request: Request) -> Response:
         api = request.query_params.get("api")
-        now, trio_now = time.time(), trio.current_time()
-        pairs = [
-            connection_json(pair, now, trio_now)
-            for pair in list(self.gateway.pairs.values())
-            if api is None or pair.api == api
-        ]
+        member = _member(self.gateway)
+        result: dict[str, Any] = {}
+        if member is None:
+            now, trio_now = time.time(), trio.current_time()
+            pairs = [connection_json(pair, now, trio_now) for pair in self.gateway.pairs.values()]
+        else:
+            pairs = member.local_pairs()
+            try:
+                pairs += await member.remote_pairs()
+            except ClusterUnavailable as exc:
+                # Say which part is missing rather than fail or hang.
+                result["incomplete"] = (
+                    f"only this unit's pairs are listed: the cluster's Redis is unavailable ({exc})"
+                )
+        pairs = [pair for pair in pairs if api is None or pair["api"] == api]
         pairs.sort(key=lambda c: (c["connected_since"], c["id"]))
-        return JSONResponse({"connections": pairs})
+        return JSONResponse({"connections": pairs, **result})
 
     async def connection(self, request: Request) -> Response:
         correlation_id = request.path_params["id"]
         pair = self.gateway.pairs.get(correlation_id)
+        member = _member(self.gateway)
         if request.method == "GET":
-            if pair is None:
-                raise NotFound([problem(None, f"no open connection {correlation_id!r}")])
-            return JSONResponse(connection_json(pair, time.time(), trio.current_time()))
+            if pair is not None:
+                found = connection_json(pair, time.time(), trio.current_time())
+                if member is not None:
+                    found["unit_id"] = member.unit_id
+                return JSONResponse(found)
+            if member is not None:
+                try:
+                    remote = await member.find(correlation_id)
+                except ClusterUnavailable as exc:
+                    raise _redis_down(exc, "cannot look for the pair on the other units") from None
+                if remote is not None:
+                    return JSONResponse(remote)
+            raise NotFound([problem(None, f"no open connection {correlation_id!r}")])
         body = await _json_body(request, required=False)
         reason = DEFAULT_TERMINATE_REASON
         if body is not None:
             if not isinstance(body, dict) or not isinstance(body.get("reason", ""), str):
                 raise Invalid([problem("reason", "expected an object with a string 'reason'")])
             reason = body.get("reason") or reason
-        if not self.gateway.terminate(correlation_id, reason):
-            raise NotFound([problem(None, f"no open connection {correlation_id!r}")])
-        return JSONResponse(
-            {"terminated": correlation_id, "code": TERMINATE_CODE, "reason": reason}
-        )
+        result: dict[str, Any] = {
+            "terminated": correlation_id,
+            "code": TERMINATE_CODE,
+            "reason": reason,
+        }
+        if self.gateway.terminate(correlation_id, reason):
+            if member is not None:
+                result["unit_id"] = member.unit_id
+            return JSONResponse(result)
+        if member is not None:
+            try:
+                owner = await member.terminate_remote(correlation_id, reason)
+            except ClusterUnavailable as exc:
+                raise _redis_down(exc, "cannot reach the other units") from None
+            if owner is not None:
+                return JSONResponse({**result, "unit_id": owner})
+        raise NotFound([problem(None, f"no open connection {correlation_id!r}")])
+
+    async def units(self, _request: Request) -> Response:
+        member = _member(self.gateway)
+        if member is None:
+            raise NotFound(
+                [problem(None, "this gateway has no [cluster] table: it is the only unit")]
+            )
+        try:
+            units = await member.units()
+        except ClusterUnavailable as exc:
+            raise _redis_down(exc, "cannot list the units") from None
+        return JSONResponse({"units": units, "unit_id": member.unit_id})
 
     # -- reload --------------------------------------------------------------------
     async def reload(self, _request: Request) -> Response:
@@ -279,6 +362,7 @@ def build_app(
             admin.protected(admin.connection),
             methods=["GET", "DELETE"],
         ),
+        Route("/units", admin.protected(admin.units), methods=["GET"]),
         Route("/reload", admin.protected(admin.reload), methods=["POST"]),
     ]
     for name in KEYS:

@@ -53,8 +53,11 @@ __all__ = [
     "Manager",
     "NotFound",
     "Problem",
+    "StaleVersion",
     "StorageError",
+    "Unavailable",
     "manager_for",
+    "register_manager",
 ]
 
 #: The field naming an item of each collection (it is also its URL segment).
@@ -109,7 +112,34 @@ class StorageError(ManagementError):
     status = 500
 
 
+class StaleVersion(Conflict):
+    """409: ``If-Match`` named a version of the configuration that is no longer current."""
+
+    def __init__(self, current: int, given: int) -> None:
+        self.version = current
+        super().__init__(
+            [
+                problem(
+                    None,
+                    f"the configuration is at version {current}, not {given} (If-Match):"
+                    " read it again, then retry the change",
+                )
+            ]
+        )
+
+
+class Unavailable(ManagementError):
+    """503: the shared configuration store ([cluster] Redis) did not answer in time."""
+
+    status = 503
+
+
 _managers: weakref.WeakKeyDictionary[Gateway, Manager] = weakref.WeakKeyDictionary()
+
+
+def register_manager(gateway: Gateway, manager: Manager) -> None:
+    """Make ``manager`` the one :func:`manager_for` returns for ``gateway`` ([cluster])."""
+    _managers[gateway] = manager
 
 
 def manager_for(gateway: Gateway, state_file: Path | None = None) -> Manager:
@@ -146,6 +176,9 @@ class Manager:
         self._lock = trio.Lock()
         self._log = structlog.get_logger("wsgate.admin")
         self._base = self._base_document(gateway.config)
+        #: Version of the managed document (APIs, products, subscriptions): +1 per
+        #: change; with [cluster] it is the shared document's version in Redis.
+        self.version = 1
 
     # -- reading -------------------------------------------------------------------
     def list_items(self, collection: str) -> list[dict[str, Any]]:
@@ -174,7 +207,9 @@ class Manager:
         return next((item for item in items if getattr(item, field) == key), None)
 
     # -- changing ------------------------------------------------------------------
-    async def create(self, collection: str, body: object) -> tuple[str, dict[str, Any]]:
+    async def create(
+        self, collection: str, body: object, *, expect: int | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """Add an item whose name/id is in ``body``; Conflict if it exists."""
         field = KEYS[collection]
         if not isinstance(body, Mapping):
@@ -184,21 +219,28 @@ class Manager:
             message = "missing required key" if key is None else "must be a string"
             raise Invalid([problem(field, message)])
         async with self._lock:
+            self._expect(expect)
             if self.exists(collection, key):
                 raise Conflict([problem(field, f"{_NOUNS[collection]} {key!r} already exists")])
             await self._change(collection, key, self._checked(collection, key, body))
         return key, self.get(collection, key)
 
-    async def put(self, collection: str, key: str, body: object) -> tuple[bool, dict[str, Any]]:
+    async def put(
+        self, collection: str, key: str, body: object, *, expect: int | None = None
+    ) -> tuple[bool, dict[str, Any]]:
         """Create or replace item ``key`` with ``body``; True if it was created."""
         async with self._lock:
+            self._expect(expect)
             created = not self.exists(collection, key)
             await self._change(collection, key, self._checked(collection, key, body))
         return created, self.get(collection, key)
 
-    async def patch(self, collection: str, key: str, body: object) -> dict[str, Any]:
+    async def patch(
+        self, collection: str, key: str, body: object, *, expect: int | None = None
+    ) -> dict[str, Any]:
         """Merge ``body`` into item ``key`` (RFC 7396 JSON merge patch: null removes a key)."""
         async with self._lock:
+            self._expect(expect)
             current = self._raw(collection, key)
             if current is None:
                 raise NotFound([problem(None, f"no {_NOUNS[collection]} {key!r}")])
@@ -206,9 +248,10 @@ class Manager:
             await self._change(collection, key, _merge_patch(current, patch))
         return self.get(collection, key)
 
-    async def delete(self, collection: str, key: str) -> None:
+    async def delete(self, collection: str, key: str, *, expect: int | None = None) -> None:
         """Remove item ``key``; Conflict if other items still refer to it."""
         async with self._lock:
+            self._expect(expect)
             if not self.exists(collection, key):
                 raise NotFound([problem(None, f"no {_NOUNS[collection]} {key!r}")])
             overrides = self.overrides
@@ -238,7 +281,7 @@ class Manager:
             if source is None:
                 raise Invalid([problem(None, "the gateway was not started from a config file")])
             try:
-                base = await trio.to_thread.run_sync(read_toml, source)
+                base = await self._read_base(source)
                 parsed = self._parse(self._document(base, self._overrides), None, reload=True)
             except ConfigError as exc:
                 problems = [problem(None, line) for line in exc.problems]
@@ -253,10 +296,14 @@ class Manager:
                 for name in ("listen", "tls")
                 if getattr(parsed.gateway, name) != getattr(running, name)
             ]
-            if parsed.admin != self.gateway.config.admin:
-                warnings.append(f"[admin] differs in {source}: it takes effect at the next restart")
+            for table in ("admin", "cluster"):
+                if getattr(parsed, table) != getattr(self.gateway.config, table):
+                    warnings.append(
+                        f"[{table}] differs in {source}: it takes effect at the next restart"
+                    )
             config = self._adopt(parsed, reload=True)
             self._base = base
+            self.version += 1
             self.gateway.update_config(config)
             self._log.info(
                 "config_reloaded",
@@ -299,6 +346,15 @@ class Manager:
         )
 
     # -- internals -----------------------------------------------------------------
+    def _expect(self, expect: int | None) -> None:
+        """StaleVersion unless ``expect`` (If-Match) is None or the current version."""
+        if expect is not None and expect != self.version:
+            raise StaleVersion(self.version, expect)
+
+    async def _read_base(self, source: Path) -> dict[str, Any]:
+        """The config file's tables, for a reload (ConfigError if unusable)."""
+        return await trio.to_thread.run_sync(read_toml, source)
+
     def _checked(self, collection: str, key: str, body: object) -> dict[str, Any]:
         """``body`` as the table of item ``key`` (its name/id filled in from the URL)."""
         if not isinstance(body, Mapping):
@@ -341,8 +397,9 @@ class Manager:
                     [problem(None, f"cannot write the state file, nothing changed: {exc}")]
                 ) from exc
         self._overrides = overrides
+        self.version += 1
         self.gateway.update_config(config)
-        self._log.info("config_changed", change=change)
+        self._log.info("config_changed", change=change, version=self.version)
 
     def _in_base(self, collection: str, key: str) -> bool:
         items = self._base.get(collection)
@@ -458,6 +515,7 @@ class Manager:
         else:
             changes["gateway"] = running.gateway
         changes["admin"] = running.admin
+        changes["cluster"] = running.cluster  # fixed while the gateway runs, like [admin]
         for collection in COLLECTIONS:
             field = KEYS[collection]
             old = {getattr(item, field): item for item in getattr(running, collection)}

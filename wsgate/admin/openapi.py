@@ -130,6 +130,35 @@ _SCHEMAS: dict[str, Any] = {
             "messages_from_backend": {"type": "integer"},
             "bytes_from_client": {"type": "integer"},
             "bytes_from_backend": {"type": "integer"},
+            "unit_id": {
+                "type": "string",
+                "description": "[cluster] only: the unit holding the pair (see /units)",
+            },
+        },
+    },
+    "Unit": {
+        "type": "object",
+        "description": "One live unit of a [cluster] (a process serving the gateway).",
+        "required": ["id", "started", "config_version", "open_pairs"],
+        "properties": {
+            "id": {"type": "string", "description": "host-pid-random, new at each start"},
+            "addresses": {"type": "array", "items": {"type": "string"}},
+            "admin_address": {"type": ["string", "null"]},
+            "pid": {"type": "integer"},
+            "started": {"type": "string", "format": "date-time"},
+            "config_version": {
+                "type": "integer",
+                "description": "Version of the shared configuration the unit runs",
+            },
+            "open_pairs": {"type": "integer"},
+        },
+    },
+    "Stale": {
+        "type": "object",
+        "required": ["errors", "version"],
+        "properties": {
+            "errors": {"type": "array", "items": _ref("Error")},
+            "version": {"type": "integer", "description": "The current version"},
         },
     },
     "Status": {
@@ -155,6 +184,7 @@ _SCHEMAS: dict[str, Any] = {
             "terminated": {"type": "string"},
             "code": {"type": "integer"},
             "reason": {"type": "string"},
+            "unit_id": {"type": "string", "description": "[cluster] only: the pair's unit"},
         },
     },
     "Reloaded": {
@@ -174,32 +204,71 @@ _COLLECTIONS = (
 )
 
 
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": "The configuration version the change was built on (the `ETag` of a"
+    ' read, e.g. `"7"`): if it is no longer current the answer is 409 with the current'
+    " version, and nothing changes. Without it the change applies to the current version.",
+    "schema": {"type": "string"},
+}
+
+_ETAG = {
+    "ETag": {
+        "description": 'The configuration version, quoted (`"7"`); with [cluster], the'
+        " version of the document shared by every unit",
+        "schema": {"type": "string"},
+    }
+}
+
+_WRITE_ERRORS = {
+    "503": _error("[cluster]: Redis did not answer within `timeout`; nothing changed"),
+}
+
+
+def _tagged(response: dict[str, Any]) -> dict[str, Any]:
+    return {**response, "headers": _ETAG}
+
+
+def _stale(description: str) -> dict[str, Any]:
+    return {
+        "description": description + "; or If-Match names a version that is no longer"
+        " current (the body then has `version`)",
+        "content": {"application/json": {"schema": {"oneOf": [_ref("Errors"), _ref("Stale")]}}},
+    }
+
+
 def _collection_paths(name: str, key: str, schema: str, noun: str) -> dict[str, Any]:
     tag = [name]
     param = {"name": key, "in": "path", "required": True, "schema": {"type": "string"}}
     body = {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
-    item = _json(_ref(schema), f"The {noun} (secrets masked)")
+    item = _tagged(_json(_ref(schema), f"The {noun} (secrets masked)"))
     delete: dict[str, Any] = {
         "tags": tag,
         "summary": f"Delete a {noun}",
         "operationId": f"delete_{name}",
+        "parameters": [_IF_MATCH],
         "responses": {
-            "200": _json(_ref("Deleted"), "Deleted"),
+            "200": _tagged(_json(_ref("Deleted"), "Deleted")),
+            "400": _error("A bad If-Match"),
             "404": _error(f"No such {noun}"),
-            "409": _error(f"Other items still refer to the {noun}"),
+            "409": _stale(f"Other items still refer to the {noun}"),
+            **_WRITE_ERRORS,
             **_AUTH_ERRORS,
         },
     }
     if name == "apis":
         delete["description"] = "Open pairs keep flowing unless `terminate=true`."
         delete["parameters"] = [
+            _IF_MATCH,
             {
                 "name": "terminate",
                 "in": "query",
                 "required": False,
                 "description": "Also close the API's open pairs with 1001",
                 "schema": {"type": "boolean", "default": False},
-            }
+            },
         ]
     return {
         f"/{name}": {
@@ -208,12 +277,14 @@ def _collection_paths(name: str, key: str, schema: str, noun: str) -> dict[str, 
                 "summary": f"List every {noun}",
                 "operationId": f"list_{name}",
                 "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "properties": {name: {"type": "array", "items": _ref(schema)}},
-                        },
-                        f"Every {noun}",
+                    "200": _tagged(
+                        _json(
+                            {
+                                "type": "object",
+                                "properties": {name: {"type": "array", "items": _ref(schema)}},
+                            },
+                            f"Every {noun}",
+                        )
                     ),
                     **_AUTH_ERRORS,
                 },
@@ -222,11 +293,13 @@ def _collection_paths(name: str, key: str, schema: str, noun: str) -> dict[str, 
                 "tags": tag,
                 "summary": f"Create a {noun} (its {key} in the body)",
                 "operationId": f"create_{name}",
+                "parameters": [_IF_MATCH],
                 "requestBody": body,
                 "responses": {
                     "201": item,
                     "400": _error("Invalid: each bad field is named"),
-                    "409": _error(f"The {key} (or a path or key) is already used"),
+                    "409": _stale(f"The {key} (or a path or key) is already used"),
+                    **_WRITE_ERRORS,
                     **_AUTH_ERRORS,
                 },
             },
@@ -243,12 +316,14 @@ def _collection_paths(name: str, key: str, schema: str, noun: str) -> dict[str, 
                 "tags": tag,
                 "summary": f"Create or replace a {noun}",
                 "operationId": f"put_{name}",
+                "parameters": [_IF_MATCH],
                 "requestBody": body,
                 "responses": {
                     "200": item,
                     "201": item,
                     "400": _error("Invalid: each bad field is named"),
-                    "409": _error("A path, name or key is already used"),
+                    "409": _stale("A path, name or key is already used"),
+                    **_WRITE_ERRORS,
                     **_AUTH_ERRORS,
                 },
             },
@@ -256,6 +331,7 @@ def _collection_paths(name: str, key: str, schema: str, noun: str) -> dict[str, 
                 "tags": tag,
                 "summary": f"Change some fields of a {noun} (JSON merge patch)",
                 "operationId": f"patch_{name}",
+                "parameters": [_IF_MATCH],
                 "requestBody": {
                     "required": True,
                     "content": {"application/merge-patch+json": {"schema": {"type": "object"}}},
@@ -264,7 +340,8 @@ def _collection_paths(name: str, key: str, schema: str, noun: str) -> dict[str, 
                     "200": item,
                     "400": _error("Invalid: each bad field is named"),
                     "404": _error(f"No such {noun}"),
-                    "409": _error("A path, name or key is already used"),
+                    "409": _stale("A path, name or key is already used"),
+                    **_WRITE_ERRORS,
                     **_AUTH_ERRORS,
                 },
             },
@@ -339,10 +416,15 @@ def _document() -> dict[str, Any]:
                         {
                             "type": "object",
                             "properties": {
-                                "connections": {"type": "array", "items": _ref("Connection")}
+                                "connections": {"type": "array", "items": _ref("Connection")},
+                                "incomplete": {
+                                    "type": "string",
+                                    "description": "[cluster] only, when Redis did not answer:"
+                                    " which part is missing (the other units' pairs)",
+                                },
                             },
                         },
-                        "Open pairs, oldest first",
+                        "Open pairs, oldest first; with [cluster], every live unit's",
                     ),
                     **_AUTH_ERRORS,
                 },
@@ -358,7 +440,8 @@ def _document() -> dict[str, Any]:
                 "operationId": "get_connection",
                 "responses": {
                     "200": _json(_ref("Connection"), "The pair"),
-                    "404": _error("No such open pair"),
+                    "404": _error("No such open pair (on any unit)"),
+                    "503": _error("[cluster]: not here, and Redis did not answer"),
                     **_AUTH_ERRORS,
                 },
             },
@@ -378,11 +461,34 @@ def _document() -> dict[str, Any]:
                     },
                 },
                 "responses": {
-                    "200": _json(_ref("Terminated"), "Closing"),
-                    "404": _error("No such open pair"),
+                    "200": _json(_ref("Terminated"), "Closing (on whichever unit holds it)"),
+                    "404": _error("No unit holds such an open pair"),
+                    "503": _error("[cluster]: not here, and Redis did not answer"),
                     **_AUTH_ERRORS,
                 },
             },
+        },
+        "/units": {
+            "get": {
+                "tags": ["connections"],
+                "summary": "[cluster]: every live unit",
+                "operationId": "list_units",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "units": {"type": "array", "items": _ref("Unit")},
+                                "unit_id": {"type": "string", "description": "This unit"},
+                            },
+                        },
+                        "Live units, oldest first",
+                    ),
+                    "404": _error("No [cluster] table: this gateway is the only unit"),
+                    "503": _error("Redis did not answer"),
+                    **_AUTH_ERRORS,
+                },
+            }
         },
         "/reload": {
             "post": {

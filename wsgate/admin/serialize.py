@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-__all__ = ["MASK", "mask_secret", "table"]
+from wsgate.logs import utc_iso
+
+if TYPE_CHECKING:
+    from wsgate.relay import Pair
+
+__all__ = ["MASK", "connection_json", "mask_secret", "table"]
 
 #: What a secret shows instead of its value.
 MASK = "****"
@@ -94,3 +99,18 @@ def _value(value: object, mask: bool) -> Any:
     if isinstance(value, tuple | list):
         return [_value(item, mask) for item in value]
     return str(value)
+
+
+def connection_json(pair: Pair, now: float, trio_now: float) -> dict[str, Any]:
+    """One open pair as ``GET /connections`` lists it."""
+    return {
+        "id": pair.correlation_id,
+        "api": pair.api,
+        "caller_ip": pair.caller_ip,
+        "connected_since": utc_iso(pair.connected_at),
+        "last_activity": utc_iso(now - max(0.0, trio_now - pair.last_activity)),
+        "messages_from_client": pair.messages_from_client,
+        "messages_from_backend": pair.messages_from_backend,
+        "bytes_from_client": pair.bytes_from_client,
+        "bytes_from_backend": pair.bytes_from_backend,
+    }

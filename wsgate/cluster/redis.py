@@ -120,6 +120,24 @@ class RedisClient:
             self._down_since = None
         return result
 
+    def pubsub(self, channels: Sequence[str]) -> Any:
+        """A coredis PubSub subscribed to ``channels`` (``async with`` it, iterate messages).
+
+        It holds a connection of its own and does not retry: the caller
+        (:mod:`.member`) reconnects, and catches up by polling meanwhile.
+        Raises ClusterUnavailable if the client is not running.
+        """
+        from coredis.retry import NoRetryPolicy
+
+        if self._client is None:
+            raise ClusterUnavailable("the Redis client is not running")
+        return self._client.pubsub(
+            channels=list(channels),
+            ignore_subscribe_messages=True,
+            retry_policy=NoRetryPolicy(),
+            subscription_timeout=self.config.timeout,
+        )
+
     def _failed(self, error: str) -> None:
         self.errors += 1
         self._failed_calls += 1
