@@ -595,3 +595,36 @@ async def test_a_unit_started_while_redis_is_down_serves_its_file_then_joins(
         await poll(joined, POLL_INTERVAL + 3)  # it seeded the empty Redis with its file
         put = await http.put("/apis/later", json={"path": "later", "service_url": echo_url})
         assert put.status_code == 201 and version(put) == 2
+
+
+async def test_reload_under_cluster_rereads_the_file_and_keeps_the_shared_document(
+    nursery: trio.Nursery, echo_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """POST /reload re-reads [gateway] and the rest; APIs, products, subscriptions stay shared."""
+    from wsgate import load_config
+
+    from .test_admin_harness import write_config
+
+    cluster = f'\n[cluster]\nredis_url = "{redis_url}"\ntimeout = 5.0\n'
+    path = write_config(tmp_path / "gw.toml", echo_url, "echo", extra=cluster)
+    a = await start_admin(nursery, load_config(path))
+    b = await start_admin(nursery, load_config(path))
+    async with a.client() as http:
+        put = await http.put("/apis/fresh", json={"path": "fresh", "service_url": echo_url})
+        assert put.status_code == 201
+        # The file now names another API and a smaller connection limit.
+        write_config(path, echo_url, "echo", "fromfile", extra=cluster)
+        text = path.read_text().replace(
+            'listen = "127.0.0.1:0"\n', 'listen = "127.0.0.1:0"\nmax_connections = 7\n', 1
+        )
+        path.write_text(text)
+        reloaded = await http.post("/reload")
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json()["apis"] == ["echo", "fresh"]
+        listed = await http.get("/apis")
+        assert version(listed) == version(put)  # a reload is no management change
+    assert a.gateway.config.gateway.max_connections == 7
+    assert b.gateway.config.gateway.max_connections == 200  # b's file was not re-read
+    assert await status(a.port, "fresh") == 101
+    assert await status(a.port, "fromfile") == 404
+    assert await status(b.port, "fresh") == 101
