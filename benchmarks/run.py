@@ -293,17 +293,25 @@ class Bench:
         out["wall_s"] = round(time.monotonic() - began, 2)
         return out
 
-    def handshakes(self, target: Target) -> dict[str, Any]:
+    def handshakes(self, target: Target, *, one_at_a_time: bool = False) -> dict[str, Any]:
+        """Churn cycles against ``target``: every generator's loops, or a single loop.
+
+        ``one_at_a_time``: one client loop in all (the other generator workers
+        idle), so latency is one cycle's own and not the queue behind a
+        saturated proxy: what a check adds to one handshake.
+        """
         assert self.gen is not None and self.backend is not None
         self.settle(target)
         specs = [
             {
                 "url": target.url,
-                "concurrency": self.o.handshake_concurrency,
+                "concurrency": (1 if index == 0 else 0)
+                if one_at_a_time
+                else self.o.handshake_concurrency,
                 "ca_pem": self._ca(target),
                 "headers": target.headers,
             }
-            for _ in range(self.o.processes)
+            for index in range(self.o.processes)
         ]
         probe = Probe(target.pids(), [self.backend.pid], self.gen.pids)
         warmup = min(0.5, self.o.warmup)
@@ -398,6 +406,11 @@ class Bench:
         steps = (
             len(o.scenarios) * len(available) * o.rounds
             + (len(available) + len(hs_only) if o.handshake_duration > 0 else 0)
+            + (
+                sum(n in hs_only for n in ("wsgate-ratelimit", "wsgate-redis"))
+                if o.handshake_duration > 0
+                else 0
+            )
             + len(idle_names)
             + len(tls_names) * (len(o.tls_scenarios) + (1 if o.handshake_duration > 0 else 0))
         )
@@ -429,6 +442,15 @@ class Bench:
                     hs[name] = self.handshakes(targets[name])
                     self.advance()
                 report["handshakes"] = {"results": hs}
+                # What [cluster] adds to one handshake, without a queue in front of it.
+                single = {}
+                for name in ("wsgate-ratelimit", "wsgate-redis"):
+                    if name in targets:
+                        self.step(f"one handshake at a time: {name}")
+                        single[name] = self.handshakes(targets[name], one_at_a_time=True)
+                        self.advance()
+                if single:
+                    report["handshakes"]["one_at_a_time"] = single
 
             if idle_names:
                 idle = {}

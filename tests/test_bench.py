@@ -293,6 +293,9 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     # And rate-limit counted in memory, then in a real Redis ([cluster]): all admitted.
     for name in ("wsgate-ratelimit", "wsgate-redis"):
         assert hs[name]["errors"] == 0 and hs[name]["messages"] > 0, name
+        # and one handshake at a time, for the latency the check adds
+        single = report["handshakes"]["one_at_a_time"][name]
+        assert single["errors"] == 0 and single["messages"] > 0, name
     idle = report["idle"]["results"]
     assert list(idle) == ["wsgate"]  # direct has no proxy to weigh
     assert idle["wsgate"]["pairs"] == 10 and idle["wsgate"]["alive"] == 10
