@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.cluster_calls [--calls N]`` starts a redis-server on a
 free loopback port, runs N rate-limit checks one after another through
-:class:`wsgate.cluster.store.RedisStore` (coredis on Trio), and prints per call:
+:class:`wsgate.cluster.store.RedisStore` (RESP on Trio, hiredis), and prints per call:
 this process's CPU time, the wall time, and the time Redis itself spent in the
 script (``INFO commandstats``). One check in flight at a time: no queueing.
 """
@@ -74,7 +74,7 @@ def main() -> None:
             procs.kill(server)
     assert stats is not None
     redis_us = int(stats[2]) / int(stats[1])
-    print(f"{args.calls} sequential rate-limit checks through RedisStore (coredis on Trio)")
+    print(f"{args.calls} sequential rate-limit checks through RedisStore (RESP on Trio streams, hiredis parsing)")
     print(f"client CPU per check:   {cpu * 1e6:8.1f} us")
     print(f"wall time per check:    {wall * 1e6:8.1f} us")
     print(f"Redis time per script:  {redis_us:8.1f} us (INFO commandstats, evalsha)")

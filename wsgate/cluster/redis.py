@@ -1,7 +1,10 @@
 """A thin Redis client for the shared counters: bounded calls, one error boundary.
 
-It wraps coredis, which runs on anyio and so on Trio itself (no thread pool,
-no asyncio bridge). What this adds:
+Scripts (every counter, lease, config and unit operation) go through a pool
+of lean connections (:mod:`.resp`: RESP on Trio streams, replies parsed by
+hiredis), one call per connection at a time, on the caller's own task.
+Pub/sub goes through coredis, which runs on anyio and so on Trio itself (no
+thread pool, no asyncio bridge). What this adds:
 
 * every call is bounded by ``[cluster] timeout`` (a cancel scope here, at the
   call site); coredis' own retries are off, because a script that ran but
@@ -14,11 +17,16 @@ no asyncio bridge). What this adds:
 * while Redis is known to be down, one call per :data:`PROBE_INTERVAL` tries
   it and the others fail at once, so a handshake with several counting
   policies is still answered within one ``timeout``;
-* coredis reconnects by itself: the first call that gets through ends the outage.
+* a call that fails or is cancelled closes its connection (its reply may still
+  come); the next call opens a new one, so reconnecting needs nothing more, and
+  the first call that gets through ends the outage;
+* a script is sent by its SHA, and by its source once when Redis does not
+  know it (``NOSCRIPT``: first use, or Redis restarted).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,18 +34,22 @@ import structlog
 import trio
 
 from ..errors import ClusterUnavailable
+from .resp import RedisReplyError, RespConnection
 from .settings import ClusterConfig
 
 __all__ = ["PROBE_INTERVAL", "RedisClient", "missing_extra"]
 
 #: Seconds between calls let through to a Redis known to be down.
 PROBE_INTERVAL = 0.5
+#: Idle script connections kept open (more are opened while calls overlap).
+POOL_SIZE = 16
 
 
 def missing_extra() -> str | None:
     """Why the Redis client cannot be imported (the ``cluster`` extra), or None."""
     try:
         import coredis  # noqa: F401
+        import hiredis  # noqa: F401
     except ImportError as exc:
         return f"[cluster] needs the Redis client: pip install 'wsgate[cluster]' ({exc})"
     return None
@@ -52,7 +64,8 @@ class RedisClient:
         self.errors = 0
         self._log = log if log is not None else structlog.get_logger("wsgate.cluster")
         self._client: Any = None
-        self._scripts: dict[str, Any] = {}
+        self._shas: dict[str, str] = {}
+        self._idle: list[RespConnection] = []
         self._down_since: float | None = None  # trio time the current outage began
         self._failed_calls = 0  # during the current outage
         self._last_probe = float("-inf")
@@ -83,6 +96,9 @@ class RedisClient:
                 await trio.sleep_forever()
             finally:
                 self._client = None
+                idle, self._idle = self._idle, []
+                for conn in idle:
+                    await conn.aclose()
 
     async def script(self, source: str, keys: Sequence[str], args: Sequence[object]) -> Any:
         """Run the Lua script ``source`` (by its SHA, loaded on first use or after a restart).
@@ -97,17 +113,17 @@ class RedisClient:
             if now - self._last_probe < PROBE_INTERVAL:
                 raise ClusterUnavailable("Redis is unavailable")
             self._last_probe = now
-        script = self._scripts.get(source)
-        if script is None:
-            script = self._scripts[source] = client.register_script(source)
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
         try:
             with trio.fail_after(self.config.timeout):
-                result = await script(keys=list(keys), args=[str(arg) for arg in args])
+                result = await self._call(source, sha, keys, args)
         except trio.TooSlowError:
             self._failed(f"no answer within {self.config.timeout:g} s")
             raise ClusterUnavailable("Redis did not answer in time") from None
         except Exception as exc:
-            # The one boundary: coredis' errors, OSError, anyio stream errors.
+            # The one boundary: error replies, OSError, Trio and TLS stream errors.
             self._failed(f"{type(exc).__name__}: {exc}")
             raise ClusterUnavailable(f"Redis failed: {type(exc).__name__}") from exc
         if self._down_since is not None:
@@ -118,6 +134,30 @@ class RedisClient:
                 failed_calls=self._failed_calls,
             )
             self._down_since = None
+        return result
+
+    async def _call(
+        self, source: str, sha: str, keys: Sequence[str], args: Sequence[object]
+    ) -> Any:
+        """EVALSHA (EVAL once if Redis does not know the script) on a pooled connection."""
+        conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                conn = await RespConnection.open(self.config.redis_url)
+            try:
+                result = await conn.call("EVALSHA", sha, len(keys), *keys, *args)
+            except RedisReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                result = await conn.call("EVAL", source, len(keys), *keys, *args)
+        except BaseException:
+            if conn is not None:
+                await conn.aclose()  # a reply may still be on its way: never reuse it
+            raise
+        if len(self._idle) < POOL_SIZE:
+            self._idle.append(conn)
+        else:
+            await conn.aclose()
         return result
 
     def pubsub(self, channels: Sequence[str]) -> Any:
