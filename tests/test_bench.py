@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -204,26 +205,7 @@ def test_churn_table_divides_cpu_per_cycle_by_nginx() -> None:
 
 @pytest.mark.skipif(HAProxy.absent() is not None, reason="HAProxy is not installed")
 def test_haproxy_target_relays_and_churns(tmp_path: Path) -> None:
-    options = Options(
-        mode="test",
-        targets=["haproxy"],
-        scenarios=[(2, 64, 1)],
-        warmup=0.1,
-        duration=0.3,
-        rounds=1,
-        processes=1,
-        handshake_duration=0.2,
-        handshake_concurrency=2,
-        idle_pairs=0,
-        tls=False,
-        charts=False,
-        progress=False,
-        out_dir=tmp_path,
-        print_report=False,
-        quiet_wait=0,
-        quiet_step=0,
-    )
-    report = run(options)
+    report = run(tiny_options(tmp_path, targets=["haproxy"], processes=1, idle_pairs=0, tls=False))
     f = report["load"][0]["results"]["haproxy"]
     assert f["errors"] == 0 and f["messages"] > 0 and f["proxy_cpu_us_per_msg"] is not None
     hs = report["handshakes"]["results"]["haproxy"]
@@ -253,28 +235,34 @@ def test_proc_accounting_reads_this_process() -> None:
 # -- end to end ---------------------------------------------------------------------------
 
 
+def tiny_options(tmp_path: Path, **overrides: Any) -> Options:
+    """A run of a second or so: short windows, no charts, no progress bar, no waiting."""
+    settings: dict[str, Any] = {
+        "mode": "test",
+        "targets": ["direct", "wsgate"],
+        "scenarios": [(2, 64, 1)],
+        "warmup": 0.1,
+        "duration": 0.3,
+        "rounds": 1,
+        "processes": 2,
+        "handshake_duration": 0.2,
+        "handshake_concurrency": 2,
+        "idle_pairs": 10,
+        "tls": True,
+        "charts": False,
+        "progress": False,
+        "out_dir": tmp_path,
+        "print_report": False,
+        "quiet_wait": 0,
+        "quiet_step": 0,
+    }
+    return Options(**{**settings, **overrides})
+
+
 def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
-    options = Options(
-        mode="test",
-        targets=["direct", "wsgate"],
-        scenarios=[(2, 64, 1), (2, 1024, 4)],
-        tls_scenarios=[(2, 64, 1)],
-        warmup=0.1,
-        duration=0.3,
-        rounds=1,
-        processes=2,
-        handshake_duration=0.2,
-        handshake_concurrency=2,
-        idle_pairs=10,
-        tls=True,
-        charts=False,
-        progress=False,
-        out_dir=tmp_path,
-        print_report=False,
-        quiet_wait=0,
-        quiet_step=0,
+    report = run(
+        tiny_options(tmp_path, scenarios=[(2, 64, 1), (2, 1024, 4)], tls_scenarios=[(2, 64, 1)])
     )
-    report = run(options)
 
     assert report["targets"] == ["direct", "wsgate"]
     for section in report["load"]:
