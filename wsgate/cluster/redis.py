@@ -154,9 +154,9 @@ class RedisClient:
             if conn is not None:
                 await conn.aclose()  # a reply may still be on its way: never reuse it
             raise
-        if len(self._idle) < POOL_SIZE:
+        if self._client is not None and len(self._idle) < POOL_SIZE:
             self._idle.append(conn)
-        else:
+        else:  # a full pool, or the client stopped while this call ran: nobody would close it
             await conn.aclose()
         return result
 

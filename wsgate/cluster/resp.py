@@ -59,9 +59,10 @@ class RespConnection:
             if parts.scheme == "rediss":
                 context = ssl.create_default_context()
                 stream = trio.SSLStream(stream, context, server_hostname=parts.hostname)
-                await stream.do_handshake()
         conn = cls(stream)
         try:
+            if isinstance(stream, trio.SSLStream):
+                await stream.do_handshake()
             if parts.password is not None:
                 user = [unquote(parts.username)] if parts.username else []
                 await conn.call("AUTH", *user, unquote(parts.password))
