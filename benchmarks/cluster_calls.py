@@ -74,7 +74,7 @@ def main() -> None:
             procs.kill(server)
     assert stats is not None
     redis_us = int(stats[2]) / int(stats[1])
-    print(f"{args.calls} sequential rate-limit checks through RedisStore (RESP on Trio streams, hiredis parsing)")
+    print(f"{args.calls} sequential rate-limit checks through RedisStore (RESP, hiredis)")
     print(f"client CPU per check:   {cpu * 1e6:8.1f} us")
     print(f"wall time per check:    {wall * 1e6:8.1f} us")
     print(f"Redis time per script:  {redis_us:8.1f} us (INFO commandstats, evalsha)")

@@ -69,6 +69,15 @@ class Target:
             return []
         return procs.process_tree(self.proc.pid)
 
+    def _spawn_listening(self, command: list[str], log_path: Path) -> None:
+        """Start a reference proxy, its output to ``log_path``; wait until it listens."""
+        log = open(log_path, "ab")  # noqa: SIM115 - child owns it
+        try:
+            self.proc = procs.spawn(command, stdout=log, stderr=log)
+        finally:
+            log.close()
+        procs.wait_port(self.port, self.proc)
+
     def _python(self, module: str, *args: str) -> None:
         log = open(self.workdir / f"{self.name}.stderr", "ab")  # noqa: SIM115 - child owns it
         try:
@@ -430,16 +439,10 @@ class Nginx(Target):
         (prefix / "tmp").mkdir(parents=True, exist_ok=True)
         conf = prefix / "nginx.conf"
         conf.write_text(self.config_text(prefix))
-        log = open(prefix / "stderr.log", "ab")  # noqa: SIM115 - child owns it
-        try:
-            self.proc = procs.spawn(
-                [exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-                stdout=log,
-                stderr=log,
-            )
-        finally:
-            log.close()
-        procs.wait_port(self.port, self.proc)
+        self._spawn_listening(
+            [exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+            prefix / "stderr.log",
+        )
 
 
 class NginxTLS(Nginx):
@@ -513,12 +516,7 @@ class HAProxy(Target):
             )
         conf = prefix / "haproxy.cfg"
         conf.write_text(self.config_text(prefix))
-        log = open(prefix / "stderr.log", "ab")  # noqa: SIM115 - child owns it
-        try:
-            self.proc = procs.spawn([exe, "-db", "-f", str(conf)], stdout=log, stderr=log)
-        finally:
-            log.close()
-        procs.wait_port(self.port, self.proc)
+        self._spawn_listening([exe, "-db", "-f", str(conf)], prefix / "stderr.log")
 
 
 class HAProxyTLS(HAProxy):

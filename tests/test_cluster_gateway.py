@@ -7,6 +7,7 @@ redis-server. Timing is bounded from above only, with wide margins.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from wsgate.metrics import GatewayMetrics
 
 from .helpers import RawClient, Response
 from .redis_server import RedisServer, free_port
-from .test_workers import Lines
+from .test_workers import running
 
 
 def config(
@@ -231,11 +232,7 @@ async def test_two_workers_with_cluster_admit_exactly_3_of_12(
         f'[[apis]]\nname = "echo"\npath = "echo"\nservice_url = "{echo_url}"\n'
         'policies = [{ policy = "rate-limit", calls = 3, renewal_period = 60 }]\n'
     )
-    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(path), "--workers", "2"]
-    process = await trio.lowlevel.open_process(command, stdout=-1)
-    assert process.stdout is not None
-    lines = Lines(process.stdout)
-    try:
+    async with running("serve", "--config", str(path), "--workers", "2") as (process, lines):
         address = (await lines.until(lambda r: r["event"] == "workers_started"))["address"]
         port = int(address.rsplit(":", 1)[1])
         for worker in (0, 1):
@@ -250,11 +247,6 @@ async def test_two_workers_with_cluster_admit_exactly_3_of_12(
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-        await process.stdout.aclose()
 
 
 def wsgate_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -418,11 +410,7 @@ async def test_a_killed_unit_gives_its_concurrency_slots_back_within_lease_ttl(
         f'service_url = "{echo_url}"\n'
         'policies = [{ policy = "limit-concurrency", max_count = 2 }]\n'
     )
-    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(path)]
-    process = await trio.lowlevel.open_process(command, stdout=-1)
-    assert process.stdout is not None
-    lines = Lines(process.stdout)
-    try:
+    async with running("serve", "--config", str(path)) as (process, lines):
         started = await lines.until(lambda r: r["event"] == "gateway_started")
         killed_port = int(started["addresses"][0].rsplit(":", 1)[1])
         held = [await RawClient.connect(killed_port) for _ in range(2)]
@@ -439,11 +427,6 @@ async def test_a_killed_unit_gives_its_concurrency_slots_back_within_lease_ttl(
         assert trio.current_time() - killed <= ttl + 1
         for client in held:
             await client.aclose()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-        await process.stdout.aclose()
 
 
 @pytest.mark.deadline(90)
@@ -465,14 +448,11 @@ async def test_three_separate_processes_admit_exactly_calls_between_them(
         'policies = [{ policy = "quota-by-key", calls = 3, renewal_period = 60,'
         ' counter_key = "header:x-tenant" }]\n'
     )
-    command = [sys.executable, "-m", "wsgate", "serve", "--config", str(path)]
-    processes, ports = [], []
-    try:
+    ports = []
+    async with contextlib.AsyncExitStack() as units_:
         for _ in range(3):
-            process = await trio.lowlevel.open_process(command, stdout=-1)
-            processes.append(process)
-            assert process.stdout is not None
-            started = await Lines(process.stdout).until(lambda r: r["event"] == "gateway_started")
+            _, lines = await units_.enter_async_context(running("serve", "--config", str(path)))
+            started = await lines.until(lambda r: r["event"] == "gateway_started")
             ports.append(int(started["addresses"][0].rsplit(":", 1)[1]))
         assert len(set(ports)) == 3
         rate = [(await handshake(ports[i % 3], target="/rate")).status for i in range(12)]
@@ -490,12 +470,6 @@ async def test_three_separate_processes_admit_exactly_calls_between_them(
                 burst.start_soon(one, i, "b")
         for tenant in ("a", "b"):
             assert sorted(statuses[tenant]) == [101] * 3 + [403] * 6, (tenant, statuses)
-    finally:
-        for process in processes:
-            process.kill()
-            await process.wait()
-            assert process.stdout is not None
-            await process.stdout.aclose()
 
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,21 @@ import trio
 from wsgate.cli import configure_logging
 
 from .helpers import RawClient
+
+
+@contextlib.asynccontextmanager
+async def running(*args: str) -> AsyncIterator[tuple[trio.Process, Lines]]:
+    """``python -m wsgate ARGS`` with its stdout read as JSON lines; killed at the end."""
+    command = [sys.executable, "-m", "wsgate", *args]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        yield process, Lines(process.stdout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await process.stdout.aclose()
 
 
 class Lines:
