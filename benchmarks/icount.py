@@ -26,7 +26,6 @@ import os
 import re
 import selectors
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,10 +37,11 @@ from typing import Any
 
 from . import procs
 from .run import RESULTS
-from .targets import PATH, ROOT, Wsgate, WsgateMetrics, WsgateQuiet, WsgateReactor
+from .targets import PATH, ROOT, TrioFloor, Wsgate, WsgateMetrics, WsgateQuiet, WsgateReactor
 
-TARGETS: dict[str, type[Wsgate]] = {
-    t.name: t for t in (Wsgate, WsgateMetrics, WsgateReactor, WsgateQuiet)
+#: ``trio-floor`` is the brief's per-connection shape with nothing of a gateway in it.
+TARGETS: dict[str, type[Wsgate] | type[TrioFloor]] = {
+    t.name: t for t in (Wsgate, WsgateMetrics, WsgateReactor, WsgateQuiet, TrioFloor)
 }
 
 
@@ -144,7 +144,12 @@ def instructions(out_file: Path) -> int:
 
 
 def one_run(
-    cls: type[Wsgate], workdir: Path, backend_port: int, connections: int, messages: int, size: int
+    cls: type[Wsgate] | type[TrioFloor],
+    workdir: Path,
+    backend_port: int,
+    connections: int,
+    messages: int,
+    size: int,
 ) -> int:
     """Instructions the gateway executed for start-up, ``messages`` echoes and shutdown."""
     out_file = workdir / f"{cls.name}-{messages}.callgrind"
@@ -163,7 +168,7 @@ def one_run(
             drive_handshakes(target.port, messages, size)
         else:
             drive(target.port, connections, messages, size)
-        os.killpg(target.proc.pid, signal.SIGTERM)  # a graceful drain, then callgrind dumps
+        os.killpg(target.proc.pid, target.stop_signal)  # a graceful end: callgrind dumps
         target.proc.wait(timeout=300)
     finally:
         target.stop()

@@ -8,6 +8,7 @@ whose CPU time and memory are charged to the target.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,8 @@ class Wsgate(Target):
     #: A command the gateway runs under (e.g. valgrind), and how long it may take to listen.
     launcher: tuple[str, ...] = ()
     start_timeout = 15.0
+    #: What ends it gracefully (a drain), so that valgrind writes its counts.
+    stop_signal = signal.SIGTERM
 
     def config_text(self) -> str:
         tls = ""
@@ -355,6 +358,38 @@ class TrioNaive(Target):
         self._python("benchmarks.trio_naive", "--backend-port", str(self.backend_port))
 
 
+class TrioFloor(Target):
+    name = "trio-floor"
+    color = "#ffbb78"
+    description = (
+        "the brief's per-connection shape on Trio and nothing else: a task, a limiter token, "
+        "a nursery of two raw-socket pumps (benchmarks/trio_floor.py)"
+    )
+
+    #: A command it runs under (valgrind, for ``benchmarks.icount``), and how long it may take.
+    launcher: tuple[str, ...] = ()
+    start_timeout = 15.0
+    #: It ends cleanly on SIGINT (Trio's KeyboardInterrupt), which lets valgrind write its counts.
+    stop_signal = signal.SIGINT
+
+    def start(self) -> None:
+        log = open(self.workdir / f"{self.name}.stderr", "ab")  # noqa: SIM115 - child owns it
+        try:
+            self.proc = procs.spawn(
+                [
+                    *self.launcher,
+                    *(sys.executable, "-m", "benchmarks.trio_floor"),
+                    *("--backend-port", str(self.backend_port)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=str(ROOT),
+            )
+        finally:
+            log.close()
+        self.port = int(procs.read_line(self.proc, "READY ", timeout=self.start_timeout))
+
+
 class WebsocketsRelay(Target):
     name = "websockets-relay"
     color = "#d62728"
@@ -546,6 +581,8 @@ HANDSHAKES_ONLY: dict[str, type[Wsgate]] = {
     cls.name: cls for cls in (WsgateJWT, WsgateJWTHS256, WsgateRateLimit, WsgateRedis)
 }
 #: Targets a run measures only when named with --targets.
-OPTIONAL: dict[str, type[Target]] = {cls.name: cls for cls in (WsgateMetrics, WsgateQuiet)}
+OPTIONAL: dict[str, type[Target]] = {
+    cls.name: cls for cls in (WsgateMetrics, WsgateQuiet, TrioFloor)
+}
 TLS = {cls.name: cls for cls in (WsgateTLS, WsgateReactorTLS, NginxTLS, HAProxyTLS)}
 ALL: dict[str, type[Target]] = {**PLAIN, **OPTIONAL, **TLS, **HANDSHAKES_ONLY}

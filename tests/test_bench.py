@@ -15,7 +15,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from benchmarks import icount, procs, stats, tracemem
+from benchmarks import floor_profile, icount, procs, stats, tracemem
 from benchmarks.loadgen import split
 from benchmarks.run import (
     Options,
@@ -213,6 +213,18 @@ def test_haproxy_target_relays_and_churns(tmp_path: Path) -> None:
     assert report["meta"]["versions"]["haproxy"]
 
 
+def test_the_floor_target_relays_and_churns(tmp_path: Path) -> None:
+    # trio-floor's figure is the shape's cost that docs/performance.md subtracts:
+    # it must relay real WebSocket traffic, or that figure means nothing.
+    report = run(
+        tiny_options(tmp_path, targets=["trio-floor"], processes=1, idle_pairs=0, tls=False)
+    )
+    f = report["load"][0]["results"]["trio-floor"]
+    assert f["errors"] == 0 and f["messages"] > 0 and f["proxy_cpu_us_per_msg"] is not None
+    hs = report["handshakes"]["results"]["trio-floor"]
+    assert hs["errors"] == 0 and hs["messages"] > 0
+
+
 def test_every_target_has_a_colour_of_its_own() -> None:
     colours = [cls.color for cls in ALL.values()]
     assert all(colours) and len(set(colours)) == len(colours)
@@ -384,3 +396,19 @@ def test_icount_report_shows_medians_ratios_and_every_measurement() -> None:
     assert "runs of 1,000 and 3,000 echoes, the difference divided by 2,000" in report
     assert "| wsgate | 100 | 1.000x | 100, 104, 98 |" in report
     assert "| wsgate-metrics | 102 | 1.020x | 103, 101, 102 |" in report
+
+
+def test_floor_profile_sorts_code_into_areas_and_shares_the_extra() -> None:
+    assert floor_profile.area("/x/site-packages/trio/_core/_run.py").startswith("Trio")
+    assert floor_profile.area("/work/wsgate/handshake.py") == "request parsing and validation"
+    assert floor_profile.area("/x/structlog/_base.py") == "the two log records"
+    assert floor_profile.area("~") == "builtins and system calls"
+    assert floor_profile.area("/x/benchmarks/trio_floor.py").startswith("handshake orchestration")
+    assert floor_profile.area("/x/somewhere/else.py") == "other"
+    table = floor_profile.render({"a": 100.0, "b": 0.0}, {"a": 130.0, "b": 70.0})
+    # wsgate's extra is 100 us: 30 of it in a, 70 in b; the bigger share comes first.
+    assert table.splitlines()[2:] == [
+        "| b | 0 | 70 | 70% |",
+        "| a | 100 | 130 | 30% |",
+        "| all | 100 | 200 | |",
+    ]
