@@ -27,6 +27,7 @@ import re
 import selectors
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -37,11 +38,31 @@ from typing import Any
 
 from . import procs
 from .run import RESULTS
-from .targets import PATH, ROOT, TrioFloor, Wsgate, WsgateMetrics, WsgateQuiet, WsgateReactor
+from .soak import tls_certificate
+from .targets import (
+    PATH,
+    ROOT,
+    TrioFloor,
+    Wsgate,
+    WsgateMetrics,
+    WsgateQuiet,
+    WsgateReactor,
+    WsgateReactorTLS,
+    WsgateTLS,
+)
 
 #: ``trio-floor`` is the brief's per-connection shape with nothing of a gateway in it.
 TARGETS: dict[str, type[Wsgate] | type[TrioFloor]] = {
-    t.name: t for t in (Wsgate, WsgateMetrics, WsgateReactor, WsgateQuiet, TrioFloor)
+    t.name: t
+    for t in (
+        Wsgate,
+        WsgateMetrics,
+        WsgateReactor,
+        WsgateQuiet,
+        TrioFloor,
+        WsgateTLS,
+        WsgateReactorTLS,
+    )
 }
 
 
@@ -51,8 +72,10 @@ def _frame(payload: bytes) -> bytes:
     return bytes([0x82, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
 
 
-def _handshake(port: int) -> socket.socket:
+def _handshake(port: int, tls: ssl.SSLContext | None = None) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
         f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -113,10 +136,15 @@ def drive(port: int, connections: int, messages: int, size: int) -> None:
         sock.close()
 
 
-def drive_handshakes(port: int, handshakes: int, size: int) -> None:
-    """``handshakes`` times in turn: connect, echo one message, close (1000), wait for the end."""
+def drive_handshakes(
+    port: int, handshakes: int, size: int, tls: ssl.SSLContext | None = None
+) -> None:
+    """``handshakes`` times in turn: connect, echo one message, close (1000), wait for the end.
+
+    With ``tls``, over wss:// with a full TLS handshake each time (no resumption).
+    """
     for i in range(handshakes):
-        sock = _handshake(port)
+        sock = _handshake(port, tls)
         payload = i.to_bytes(8, "big") + bytes(size - 8)
         sock.sendall(_frame(payload))
         expected = bytes([0x82, len(payload)]) + payload
@@ -153,7 +181,11 @@ def one_run(
 ) -> int:
     """Instructions the gateway executed for start-up, ``messages`` echoes and shutdown."""
     out_file = workdir / f"{cls.name}-{messages}.callgrind"
-    target = cls(workdir, backend_port)
+    tls_files, client_tls = None, None
+    if cls.tls:
+        settings, client_tls, _ca = tls_certificate(workdir)
+        tls_files = {"cert": Path(settings["certificate"]), "key": Path(settings["private_key"])}
+    target = cls(workdir, backend_port, tls_files)
     target.launcher = (
         "valgrind",
         "--tool=callgrind",
@@ -165,7 +197,9 @@ def one_run(
     assert target.proc is not None
     try:
         if connections == 0:
-            drive_handshakes(target.port, messages, size)
+            drive_handshakes(target.port, messages, size, client_tls)
+        elif client_tls is not None:
+            raise RuntimeError(f"{cls.name}: TLS targets are counted with --handshakes only")
         else:
             drive(target.port, connections, messages, size)
         os.killpg(target.proc.pid, target.stop_signal)  # a graceful end: callgrind dumps

@@ -14,6 +14,7 @@ import ssl
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from wsgate.netio import SHARED_BUFFER, TLSSocket
@@ -171,6 +172,24 @@ async def test_close_sends_close_notify_and_the_peer_reads_the_end(ca: trustme.C
         await client.close(0)
     assert server.sock.fileno() == -1
     assert client.sock.fileno() == -1
+
+
+async def test_a_close_with_nothing_to_wait_for_does_not_park(ca: trustme.CA) -> None:
+    # The gateway closes the client leg with no linger once the client's close
+    # frame is in, and a leg whose peer is already done: neither needs a deadline
+    # or a park (each costs about as much as a small message relayed).
+    server, client = await tls_pair(ca)
+    with trio.testing.assert_no_checkpoints():
+        await server.close(0)
+    assert server.sock.fileno() == -1
+    assert await client.recv_into(SHARED_BUFFER) == 0  # close_notify came all the same
+    client.abort()
+    server, client = await tls_pair(ca)
+    await client.close(0)
+    await trio.sleep(0.05)  # let its close_notify and FIN arrive
+    with trio.testing.assert_no_checkpoints():
+        await server.close(5.0)  # the peer is done: no wait for the linger
+    assert server.sock.fileno() == -1
 
 
 async def test_a_tcp_end_without_close_notify_is_an_end_too(ca: trustme.CA) -> None:
