@@ -475,3 +475,72 @@ async def test_a_client_that_leaves_without_a_request_gets_a_fin(
         await client.send_eof()  # half-closed: nothing more to say, still reading
         with trio.fail_after(5):
             assert await client.receive_some(65536) == b""  # not a reset
+
+
+# -- raw sockets: a pair's side that ends its stream without a close frame ------------
+
+
+async def test_a_backend_that_half_closes_without_a_close_frame_gets_a_fin(
+    nursery: trio.Nursery,
+) -> None:
+    # The backend says nothing more (FIN, no close frame) but still reads. The
+    # client is told (1011, as for a vanished backend); the backend gets our
+    # FIN, not a reset: its end was orderly, and it may still be reading.
+    seen: list[str] = []
+
+    async def half_close(request: BackendRequest, stream: trio.SocketStream, _: bytes) -> None:
+        await stream.send_all(accept_response(request))
+        await stream.send_eof()
+        try:
+            with trio.fail_after(5):
+                while await stream.receive_some(65536):
+                    pass
+            seen.append("fin")
+        except trio.BrokenResourceError:
+            seen.append("reset")
+
+    backend = await nursery.start(RawBackend(half_close).serve)
+    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
+    gw = await nursery.start(wsgate.Gateway(config).run)
+    client = await RawClient.connect(gw.addresses[0][1])
+    try:
+        with trio.fail_after(5):
+            code, _reason = await client.receive_close()
+    finally:
+        await client.aclose()
+    assert code == 1011
+    await wait_until(lambda: bool(seen))
+    assert seen == ["fin"]
+
+
+async def test_a_client_that_half_closes_without_a_close_frame_gets_a_fin(
+    nursery: trio.Nursery,
+) -> None:
+    # The mirror case: the client's FIN without a close frame ends the pair
+    # (the backend gets 1001), and the client, which may still be reading,
+    # gets our FIN rather than a reset.
+    frames: list[Any] = []
+
+    async def record(request: BackendRequest, stream: trio.SocketStream, _: bytes) -> None:
+        await stream.send_all(accept_response(request))
+        proto = server_frames()
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                proto.receive_bytes(chunk)
+        frames.extend((f.opcode.name, f.payload) for f in proto.received_frames())
+
+    backend = await nursery.start(RawBackend(record).serve)
+    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
+    gw = await nursery.start(wsgate.Gateway(config).run)
+    client = await RawClient.connect(gw.addresses[0][1])
+    stream = client.stream
+    assert isinstance(stream, trio.SocketStream)
+    await stream.send_eof()
+    try:
+        with trio.fail_after(5):
+            while await stream.receive_some(65536):  # a reset would raise here
+                pass
+    finally:
+        await stream.aclose()
+    await wait_until(lambda: bool(frames))
+    assert frames == [("CLOSE", (1001, "client connection lost without a close frame"))]

@@ -40,7 +40,16 @@ BACKEND = "backend"
 class PairSide:
     """One leg of a pair and the scanner of the frames it sends."""
 
-    __slots__ = ("bytes_in", "closed", "endpoint", "gone", "held_back", "name", "scanner")
+    __slots__ = (
+        "broken",
+        "bytes_in",
+        "closed",
+        "endpoint",
+        "gone",
+        "held_back",
+        "name",
+        "scanner",
+    )
 
     def __init__(self, name: str, endpoint: Endpoint, scanner: FrameScanner) -> None:
         self.name = name  # CLIENT or BACKEND: closing.SIDE_ENDS says what its ends are
@@ -50,7 +59,10 @@ class PairSide:
         # Set when the gateway held back this side's last read (a rate limit):
         # whether the bytes it did relay ended at a frame boundary.
         self.held_back: bool | None = None
-        self.gone = False  # the connection broke: nothing more can be sent to it
+        self.gone = False  # its stream ended: nothing more is sent to it
+        # How it ended, when gone: a reset or a failed send (True), or its end
+        # read in order, a FIN without a close frame (False: it gets our FIN).
+        self.broken = False
         self.closed = False  # the gateway closed it cleanly
 
 
@@ -146,5 +158,10 @@ class PairState:
 
     def send_failed(self, side: PairSide) -> None:
         """A send to ``side`` found its connection gone: nothing more reaches it."""
-        side.gone = True
+        side.gone = side.broken = True
+        self.source_ended(side)
+
+    def source_broken(self, side: PairSide) -> None:
+        """Reading ``side`` failed (a reset): it ended, and not in order."""
+        side.broken = True
         self.source_ended(side)

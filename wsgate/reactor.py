@@ -136,18 +136,22 @@ class Reactor:
             except BlockingIOError:
                 return
             except OSError:
-                n = 0
+                n = -1
         else:
             try:
                 n = leg.tls.recv_nowait(SHARED_BUFFER)
             except _BROKEN:
-                n = 0
-            if n < 0:
-                return  # part of a record: the rest will make the socket readable
+                n = -1
+            else:
+                if n < 0:
+                    return  # part of a record: the rest will make the socket readable
         pair = leg.pair
-        if n == 0:
+        if n <= 0:
             self._drop(pair)
-            pair.source_ended(leg.side)
+            if n == 0:
+                pair.source_ended(leg.side)
+            else:
+                pair.source_broken(leg.side)
             return
         leg.side.bytes_in += n
         pair.last_activity = now

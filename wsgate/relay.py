@@ -209,7 +209,8 @@ class Pair(PairState):
                 while (n := endpoint.recv_nowait(buf)) < 0:
                     await endpoint.wait_readable()
             except PEER_GONE:
-                n = 0
+                self.source_broken(src)
+                return
             if n == 0:
                 self.source_ended(src)
                 return
@@ -350,7 +351,15 @@ class Pair(PairState):
     ) -> bool:
         """Give ``side`` a close frame if it is owed one, then our FIN; False to abort it."""
         if side.gone:
-            return False  # aborted by _finish
+            if side.broken:
+                return False  # aborted by _finish
+            # Its end was read in order, without a close frame: it may still
+            # read (a half-close), and gets our FIN rather than a reset.
+            try:
+                side.endpoint.half_close()
+            except OSError:
+                return False
+            return True
         # What of the partner's stream reached this side: all its scanner saw,
         # unless its last read was held back.
         if partner.held_back is None:
