@@ -428,3 +428,34 @@ def test_the_wheel_carries_the_demo_config_and_the_console_page(tmp_path: Path) 
     assert "wsgate/demo.toml" in names
     assert "wsgate/py.typed" in names
     assert any(name.startswith("wsgate/console_web/") for name in names)
+
+
+async def test_serve_keeps_relaying_when_stdout_loses_its_reader(
+    tmp_path: Path, echo_url: str
+) -> None:
+    # `wsgate serve | head -1`, or a log shipper that died: every log write
+    # fails with EPIPE. The records are dropped (stderr says so once), the
+    # connections that logged them are unharmed, and SIGTERM still exits 0.
+    config = tmp_path / "gateway.toml"
+    config.write_text(GOOD_CONFIG.format(service_url=echo_url))
+    async with wsgate("serve", "--config", str(config), "--listen", "127.0.0.1:0") as gw:
+        [address] = (await gw.wait_for("gateway_started"))["addresses"]
+        assert gw.process.stdout is not None
+        await gw.process.stdout.aclose()  # nobody reads the log any more
+        for i in range(3):
+            client = await RawClient.connect(port_of(address), "/echo")
+            try:
+                assert client.response is not None and client.response.status == 101
+                await client.send_text(f"still relayed {i}")
+                [echo] = await client.receive_frames(1)
+                assert echo.payload == f"still relayed {i}"
+                await client.close(1000)
+                with trio.fail_after(5):
+                    assert await client.receive_close() == (1000, "")
+            finally:
+                await client.aclose()
+        gw.process.send_signal(signal.SIGTERM)
+        assert await gw.exit_code() == 0
+        stderr = await gw.stderr()
+    assert stderr.count("wsgate: dropping log records: stdout:") == 1, stderr
+    assert "Traceback" not in stderr

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 import wsgate
 
-from .helpers import RawClient, make_config
+from .helpers import RawClient, make_config, wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "embedded.py"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
@@ -118,3 +118,47 @@ async def test_cancelling_the_host_with_open_pairs_logs_no_error(
     events = [entry["event"] for entry in logs]
     assert events.count("disconnect") == 3  # each pair still logged its end
     assert [entry for entry in logs if entry["log_level"] in ("error", "critical")] == []
+
+
+class _BrokenObserver:
+    """An embedding application's observer with a bug in both hooks."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def handshake(self, record: object) -> None:
+        self.calls += 1
+        raise RuntimeError("observer bug")
+
+    def disconnect(self, pair: object, record: object) -> None:
+        self.calls += 1
+        raise KeyError("observer bug")
+
+
+async def test_an_observer_that_raises_costs_no_connection(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    config = make_config([{"name": "echo", "path": "echo", "service_url": echo_url}])
+    observer = _BrokenObserver()
+    gateway = await nursery.start(wsgate.Gateway(config, observers=[observer]).run)
+    port = gateway.addresses[0][1]
+    with capture_logs() as logs:
+        for i in range(2):  # the second client shows the gateway still serves
+            client = await RawClient.connect(port, "/echo")
+            try:
+                assert client.response is not None and client.response.status == 101
+                await client.send_text(f"hello {i}")
+                [echo] = await client.receive_frames(1)
+                assert echo.payload == f"hello {i}"
+                await client.close(1000)
+                with trio.fail_after(5):
+                    assert await client.receive_close() == (1000, "")
+            finally:
+                await client.aclose()
+        with trio.fail_after(5):
+            await wait_until(lambda: gateway.stats().active_pairs == 0)
+    failed = [entry for entry in logs if entry["event"] == "observer_failed"]
+    assert [entry["observer"] for entry in failed] == ["_BrokenObserver"] * 4
+    assert observer.calls == 4
+    disconnects = [entry for entry in logs if entry["event"] == "disconnect"]
+    assert [entry["close_code"] for entry in disconnects] == [1000, 1000]

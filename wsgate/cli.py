@@ -7,6 +7,7 @@ library itself just logs, so an embedding application stays in charge.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -14,7 +15,7 @@ import signal
 import sys
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 import structlog
@@ -42,6 +43,44 @@ def _timestamp(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any
     return event
 
 
+class _StdoutLogger(structlog.WriteLogger):
+    """Writes each record in one write; drops a record stdout cannot take.
+
+    When stdout's reader is gone (``wsgate serve | head``, a log shipper that
+    died) every write fails with EPIPE. A record lost must not cost the
+    connection that logged it, so the record is dropped and stderr says so once.
+    After EPIPE stdout points at /dev/null: a pipe without a reader never gets
+    one back, and the flush at exit then succeeds (else Python exits with 120).
+    Other errors (a full disk) drop only the record that met them.
+    """
+
+    _reported = False
+
+    def __init__(self, file: TextIO) -> None:
+        super().__init__(file)
+        self._stdout = file
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` and a newline; on an OSError drop it (reported once)."""
+        try:
+            super().msg(message)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError):
+                with contextlib.suppress(OSError, ValueError):  # not a real file: leave it
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    try:
+                        os.dup2(devnull, self._stdout.fileno())
+                    finally:
+                        os.close(devnull)
+            if not _StdoutLogger._reported:
+                _StdoutLogger._reported = True
+                with contextlib.suppress(OSError):
+                    print(f"wsgate: dropping log records: stdout: {exc}", file=sys.stderr)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
     """Send structlog records to stdout, as JSON lines by default."""
     structlog.configure(
@@ -56,7 +95,7 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
         # One write per record, newline included: print() writes the newline
         # apart, and with PYTHONUNBUFFERED the records of workers sharing
         # stdout could interleave between the two.
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=lambda *_: _StdoutLogger(sys.stdout),
         cache_logger_on_first_use=True,
     )
 

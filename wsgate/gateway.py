@@ -141,7 +141,11 @@ class _HandshakeLog:
         }
         log.info("handshake", **record)
         for observer in observers:
-            observer.handshake(record)
+            try:
+                observer.handshake(record)
+            except Exception:
+                # An observer watches the traffic: its bug must not cost a connection.
+                log.exception("observer_failed", observer=type(observer).__name__)
 
 
 @attrs.frozen
@@ -374,7 +378,10 @@ class Gateway:
 
     def _disconnected(self, pair: Pair, record: dict[str, Any]) -> None:
         for observer in self._observers:
-            observer.disconnect(pair, record)
+            try:
+                observer.disconnect(pair, record)
+            except Exception:
+                pair.log.exception("observer_failed", observer=type(observer).__name__)
 
     # -- accepting -----------------------------------------------------------------
     async def _accept_loop(self, listener: socket.socket) -> None:
@@ -779,26 +786,30 @@ class Gateway:
             raise
         record.response_code = 101
         record.subprotocol = backend.accept.subprotocol
+        try:
+            pair = Pair(
+                correlation_id=record.correlation_id,
+                api=api.name,
+                caller_ip=record.caller_ip_address,
+                client=client,
+                backend=backend.endpoint,
+                max_message_size=api.max_message_size,
+                allow_rsv=backend.accept.extensions is not None,
+                idle_timeout=api.idle_timeout,
+                close_timeout=self.config.gateway.close_timeout,
+                log=self._log,
+                deadline=None
+                if ctx.deadline is None
+                else trio.current_time() + (ctx.deadline - time.time()),
+                deadline_reason=ctx.deadline_reason,
+                limiter=ctx.message_limiter,
+                on_disconnect=self._disconnected if self._observers else None,
+                reactor=self._reactor,
+            )
+        except BaseException:
+            backend.endpoint.abort()  # the client's is aborted by the caller
+            raise
         record.emit(log, self._observers)
-        pair = Pair(
-            correlation_id=record.correlation_id,
-            api=api.name,
-            caller_ip=record.caller_ip_address,
-            client=client,
-            backend=backend.endpoint,
-            max_message_size=api.max_message_size,
-            allow_rsv=backend.accept.extensions is not None,
-            idle_timeout=api.idle_timeout,
-            close_timeout=self.config.gateway.close_timeout,
-            log=self._log,
-            deadline=None
-            if ctx.deadline is None
-            else trio.current_time() + (ctx.deadline - time.time()),
-            deadline_reason=ctx.deadline_reason,
-            limiter=ctx.message_limiter,
-            on_disconnect=self._disconnected if self._observers else None,
-            reactor=self._reactor,
-        )
         return pair, backend.trailing
 
 
