@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 from structlog.testing import capture_logs
 
@@ -162,3 +163,36 @@ async def test_an_observer_that_raises_costs_no_connection(
     assert observer.calls == 4
     disconnects = [entry for entry in logs if entry["event"] == "disconnect"]
     assert [entry["close_code"] for entry in disconnects] == [1000, 1000]
+
+
+async def test_a_host_log_processor_that_raises_costs_no_other_connection(
+    nursery: trio.Nursery, echo_url: str
+) -> None:
+    # The host application configures structlog; a bug in its processors must
+    # not take the gateway down with the connection that logged.
+    seen: list[str] = []
+
+    def picky(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+        if event["event"] == "disconnect":
+            raise ValueError("host processor bug")
+        seen.append(str(event["event"]))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[picky])
+    config = make_config([{"name": "echo", "path": "echo", "service_url": echo_url}])
+    gateway = await nursery.start(wsgate.Gateway(config).run)
+    port = gateway.addresses[0][1]
+    for i in range(2):  # the second client shows the gateway still serves
+        client = await RawClient.connect(port, "/echo")
+        try:
+            await client.send_text(f"hello {i}")
+            [echo] = await client.receive_frames(1)
+            assert echo.payload == f"hello {i}"
+            await client.close(1000)
+            with trio.fail_after(5):
+                assert await client.receive_close() == (1000, "")
+        finally:
+            await client.aclose()
+    with trio.fail_after(5):
+        await wait_until(lambda: seen.count("connection_task_failed") == 2)
+    assert gateway.stats().active_pairs == 0

@@ -19,6 +19,7 @@ everything is logged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -451,23 +452,31 @@ class Gateway:
     # -- one client ----------------------------------------------------------------
     async def _serve_client(self, sock: socket.socket, address: Any) -> None:
         """The connection task: handshake, then relay. Never raises but Cancelled."""
-        opened = await self._handshake(sock, address)
-        # What the handshake read and decided dies with its frames: an idle pair
-        # holds only what relaying needs (memory per pair is a benchmark figure).
-        del sock, address
-        if opened is None:
-            return
-        # Relaying happens here rather than in a helper coroutine: one frame less per pair.
-        pair = opened.pair
-        self._pairs[pair.correlation_id] = pair
         try:
-            if self._draining:
-                pair.stop(End.DRAIN)
-            await pair.run(opened.client_initial, opened.backend_initial)
-        finally:
-            del self._pairs[pair.correlation_id]
-            self._limiter.release_on_behalf_of(opened.slot)
-            _run_cleanups(opened.cleanups, pair.stats(), pair.log)
+            opened = await self._handshake(sock, address)
+            # What the handshake read and decided dies with its frames: an idle pair
+            # holds only what relaying needs (memory per pair is a benchmark figure).
+            del sock, address
+            if opened is None:
+                return
+            # Relaying happens here rather than in a helper coroutine: one frame less per pair.
+            pair = opened.pair
+            self._pairs[pair.correlation_id] = pair
+            try:
+                if self._draining:
+                    pair.stop(End.DRAIN)
+                await pair.run(opened.client_initial, opened.backend_initial)
+            finally:
+                del self._pairs[pair.correlation_id]
+                self._limiter.release_on_behalf_of(opened.slot)
+                _run_cleanups(opened.cleanups, pair.stats(), pair.log)
+        except Exception:
+            # The last line of defence, as in hypercorn's task group: what escaped
+            # the handshake's and the relay's own handling (a host application's
+            # log processor that raises, say) costs this connection only, never
+            # the gateway and its other connections. Its sockets are closed by then.
+            with contextlib.suppress(Exception):
+                self._log.exception("connection_task_failed")
 
     async def _handshake(self, sock: socket.socket, address: Any) -> _Opened | None:
         """Read the request, run onHandshake, open the backend and answer 101.
