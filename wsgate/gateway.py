@@ -459,17 +459,20 @@ class Gateway:
             del sock, address
             if opened is None:
                 return
-            # Relaying happens here rather than in a helper coroutine: one frame less per pair.
-            pair = opened.pair
+            # Relaying happens here rather than in a helper coroutine: one frame less
+            # per pair. Only what the end needs is kept, not the _Opened holding it.
+            pair, slot, cleanups = opened.pair, opened.slot, opened.cleanups
+            client_initial, backend_initial = opened.client_initial, opened.backend_initial
+            del opened
             self._pairs[pair.correlation_id] = pair
             try:
                 if self._draining:
                     pair.stop(End.DRAIN)
-                await pair.run(opened.client_initial, opened.backend_initial)
+                await pair.run(client_initial, backend_initial)
             finally:
                 del self._pairs[pair.correlation_id]
-                self._limiter.release_on_behalf_of(opened.slot)
-                _run_cleanups(opened.cleanups, pair.stats(), pair.log)
+                self._limiter.release_on_behalf_of(slot)
+                _run_cleanups(cleanups, pair.stats(), pair.log)
         except Exception:
             # The last line of defence, as in hypercorn's task group: what escaped
             # the handshake's and the relay's own handling (a host application's
