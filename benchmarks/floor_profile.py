@@ -23,31 +23,8 @@ from pathlib import Path
 
 from . import procs
 from .icount import drive_handshakes
+from .profile import cprofile_runner
 from .targets import ROOT, Wsgate
-
-_FLOOR = """
-import cProfile, sys, time
-from benchmarks.trio_floor import main
-profile = cProfile.Profile(time.process_time)
-profile.enable()
-try:
-    main(sys.argv[2:])
-finally:
-    profile.disable()
-    profile.dump_stats(sys.argv[1])
-"""
-
-_WSGATE = """
-import cProfile, sys, time
-from wsgate.cli import main
-profile = cProfile.Profile(time.process_time)
-profile.enable()
-try:
-    main(["serve", "--config", sys.argv[2]])
-finally:
-    profile.disable()
-    profile.dump_stats(sys.argv[1])
-"""
 
 #: Areas of code, tried in order: (name, substrings of a profiled function's file).
 AREAS: list[tuple[str, tuple[str, ...]]] = [
@@ -137,22 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="wsgate-floor-") as tmp:
         work = Path(tmp)
-        backend = procs.spawn(
-            [sys.executable, "-m", "benchmarks.backend", "--port", "0"],
-            stdout=subprocess.PIPE,
-            cwd=str(ROOT),
-        )
+        _backend, backend_port = procs.echo_backend(ROOT)
         try:
-            backend_port = int(procs.read_line(backend, "READY"))
             floor_stats, wsgate_stats = work / "floor.prof", work / "wsgate.prof"
             _profile(
                 [
-                    sys.executable,
-                    "-c",
-                    _FLOOR,
-                    str(floor_stats),
-                    "--backend-port",
-                    f"{backend_port}",
+                    *(sys.executable, "-c", cprofile_runner("benchmarks.trio_floor")),
+                    *(str(floor_stats), "--backend-port", str(backend_port)),
                 ],
                 None,
                 args.handshakes,
@@ -162,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             config = work / "wsgate.toml"
             config.write_text(gateway.config_text())
             _profile(
-                [sys.executable, "-c", _WSGATE, str(wsgate_stats), str(config)],
+                [
+                    *(sys.executable, "-c", cprofile_runner("wsgate.cli"), str(wsgate_stats)),
+                    *("serve", "--config", str(config)),
+                ],
                 gateway.port,
                 args.handshakes,
             )

@@ -281,13 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="wsgate-icount-") as tmp:
         workdir = Path(tmp)
-        backend = procs.spawn(
-            [sys.executable, "-m", "benchmarks.backend", "--port", "0"],
-            stdout=subprocess.PIPE,
-            cwd=str(ROOT),
-        )
+        _backend, backend_port = procs.echo_backend(ROOT)
         try:
-            backend_port = int(procs.read_line(backend, "READY"))
             for name in names:
                 per_unit = []
                 for _ in range(args.repeat):

@@ -9,6 +9,7 @@ group started, SIGTERM first and SIGKILL after a short grace period.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import os
@@ -17,8 +18,10 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
@@ -33,6 +36,42 @@ def die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def echo_backend(cwd: Path) -> tuple[subprocess.Popen[Any], int]:
+    """Start the echo backend (``benchmarks.backend``) on a free port: the process and its port."""
+    backend = spawn(
+        [sys.executable, "-m", "benchmarks.backend"], stdout=subprocess.PIPE, cwd=str(cwd)
+    )
+    return backend, int(read_line(backend, "READY "))
+
+
+def run_trio_relay(
+    serve: Callable[[int, int], Awaitable[None]], description: str | None, argv: list[str] | None
+) -> int:
+    """Run a Trio reference relay's ``serve(port, backend_port)`` from its command line."""
+    import trio  # only the Trio relays need it
+
+    args = relay_args(description, argv)
+    try:
+        trio.run(serve, args.port, args.backend_port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def relay_args(description: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """A reference relay's command line (``--port``, ``--backend-port``), set up to run here.
+
+    The relay dies with its parent and may open as many files as the hard limit allows.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--backend-port", type=int, required=True)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    raise_nofile()
+    return args
 
 
 def raise_nofile() -> int:

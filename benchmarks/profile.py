@@ -32,16 +32,23 @@ from .loadgen import LoadGenerator, split
 from .run import RESULTS, _scenario_arg
 from .targets import ROOT, Wsgate, WsgateJWT
 
-_CPROFILE_RUNNER = """
+
+def cprofile_runner(entry: str) -> str:
+    """A ``python -c`` script: ``entry``'s ``main(sys.argv[2:])`` under cProfile.
+
+    The clock is ``time.process_time`` (preempted time is not charged); the
+    stats go to ``sys.argv[1]`` when ``main`` returns or raises.
+    """
+    return f"""
 import cProfile, sys, time
-from wsgate.cli import main
+from {entry} import main
 profile = cProfile.Profile(time.process_time)
 profile.enable()
 try:
-    main(["serve", "--config", sys.argv[1]])
+    main(sys.argv[2:])
 finally:
     profile.disable()
-    profile.dump_stats(sys.argv[2])
+    profile.dump_stats(sys.argv[1])
 """
 
 
@@ -61,7 +68,10 @@ class ProfiledWsgate(Wsgate):
         log = open(self.workdir / "profiled.log", "ab")  # noqa: SIM115 - child owns it
         try:
             self.proc = procs.spawn(
-                [sys.executable, "-c", _CPROFILE_RUNNER, str(config), str(self.stats_path)],
+                [
+                    *(sys.executable, "-c", cprofile_runner("wsgate.cli"), str(self.stats_path)),
+                    *("serve", "--config", str(config)),
+                ],
                 stdout=log,
                 stderr=log,
                 cwd=str(ROOT),
@@ -159,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="wsgate-profile-"))
     gen = None
     try:
-        backend = procs.spawn(
-            [sys.executable, "-m", "benchmarks.backend"], stdout=subprocess.PIPE, cwd=str(ROOT)
-        )
-        port = int(procs.read_line(backend, "READY "))
+        _backend, port = procs.echo_backend(ROOT)
         stats_path = workdir / "wsgate.prof"
         gateway: Wsgate
         if args.profiler == "cprofile":

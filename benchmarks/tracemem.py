@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import linecache
-import subprocess
 import sys
 import tracemalloc
 from collections import Counter
@@ -54,12 +53,9 @@ def by_site(
 
 def measure(pairs: int, engine: str = "tasks") -> tuple[float, list[tuple[Site, float]]]:
     """Open ``pairs`` idle pairs through an in-process gateway; see :func:`by_site`."""
-    backend = procs.spawn(
-        [sys.executable, "-m", "benchmarks.backend"], stdout=subprocess.PIPE, cwd=str(ROOT)
-    )
+    backend, backend_port = procs.echo_backend(ROOT)
     gen = LoadGenerator(1)
     try:
-        backend_port = int(procs.read_line(backend, "READY "))
         return trio.run(_measure, gen, backend_port, pairs, engine)
     finally:
         gen.close()

@@ -18,14 +18,13 @@ shape alone costs. Run as ``python -m benchmarks.trio_floor --port P
 
 from __future__ import annotations
 
-import argparse
 import errno
 import socket
 import sys
 
 import trio
 
-from .procs import die_with_parent, raise_nofile
+from .procs import run_trio_relay
 
 MAX_HEAD = 16 * 1024
 CHUNK = 64 * 1024
@@ -140,17 +139,7 @@ async def serve(port: int, backend_port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: ``--port`` (0 picks one) and ``--backend-port``."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--backend-port", type=int, required=True)
-    args = parser.parse_args(argv)
-    die_with_parent()
-    raise_nofile()
-    try:
-        trio.run(serve, args.port, args.backend_port)
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_trio_relay(serve, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ no size limit. Run as ``python -m benchmarks.ws_relay --port P --backend-port B`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import signal
@@ -18,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from .procs import die_with_parent, raise_nofile
+from .procs import relay_args
 
 Connection = ServerConnection | ClientConnection
 
@@ -74,12 +73,8 @@ async def main_async(port: int, backend_port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--backend-port", type=int, required=True)
-    args = parser.parse_args(argv)
-    die_with_parent()
-    raise_nofile()
+    """Command-line entry: ``--port`` (0 picks one) and ``--backend-port``."""
+    args = relay_args(__doc__, argv)
     asyncio.run(main_async(args.port, args.backend_port))
     return 0
 

@@ -175,6 +175,24 @@ def _request(target: str, key: str, headers: Headers) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+async def echo_and_close(port: int, text: str, target: str = "/echo") -> None:
+    """One client through the gateway on ``port``: upgrade, echo ``text``, close with 1000.
+
+    Asserts each step: a 101, the echo back, and the close answered in kind.
+    """
+    client = await RawClient.connect(port, target)
+    try:
+        assert client.response is not None and client.response.status == 101
+        await client.send_text(text)
+        [echo] = await client.receive_frames(1)
+        assert echo.payload == text
+        await client.close(1000)
+        with trio.fail_after(5):
+            assert await client.receive_close() == (1000, "")
+    finally:
+        await client.aclose()
+
+
 async def read_response(stream: trio.abc.ReceiveStream) -> tuple[Response, bytes]:
     """Read one HTTP response head (and body unless 101); return it and leftover bytes."""
     conn = h11.Connection(h11.CLIENT)

@@ -20,7 +20,7 @@ from trio_websocket import open_websocket_url
 
 from wsgate.cli import main
 
-from .helpers import RawClient
+from .helpers import RawClient, echo_and_close
 
 WSGATE = Path(sys.executable).with_name("wsgate")  # the console script of this venv
 ROOT = Path(__file__).resolve().parent.parent
@@ -443,17 +443,7 @@ async def test_serve_keeps_relaying_when_stdout_loses_its_reader(
         assert gw.process.stdout is not None
         await gw.process.stdout.aclose()  # nobody reads the log any more
         for i in range(3):
-            client = await RawClient.connect(port_of(address), "/echo")
-            try:
-                assert client.response is not None and client.response.status == 101
-                await client.send_text(f"still relayed {i}")
-                [echo] = await client.receive_frames(1)
-                assert echo.payload == f"still relayed {i}"
-                await client.close(1000)
-                with trio.fail_after(5):
-                    assert await client.receive_close() == (1000, "")
-            finally:
-                await client.aclose()
+            await echo_and_close(port_of(address), f"still relayed {i}")
         gw.process.send_signal(signal.SIGTERM)
         assert await gw.exit_code() == 0
         stderr = await gw.stderr()

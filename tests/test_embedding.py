@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 import wsgate
 
-from .helpers import RawClient, make_config, wait_until
+from .helpers import RawClient, echo_and_close, make_config, wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "embedded.py"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
@@ -145,17 +145,7 @@ async def test_an_observer_that_raises_costs_no_connection(
     port = gateway.addresses[0][1]
     with capture_logs() as logs:
         for i in range(2):  # the second client shows the gateway still serves
-            client = await RawClient.connect(port, "/echo")
-            try:
-                assert client.response is not None and client.response.status == 101
-                await client.send_text(f"hello {i}")
-                [echo] = await client.receive_frames(1)
-                assert echo.payload == f"hello {i}"
-                await client.close(1000)
-                with trio.fail_after(5):
-                    assert await client.receive_close() == (1000, "")
-            finally:
-                await client.aclose()
+            await echo_and_close(port, f"hello {i}")
         with trio.fail_after(5):
             await wait_until(lambda: gateway.stats().active_pairs == 0)
     failed = [entry for entry in logs if entry["event"] == "observer_failed"]
@@ -183,16 +173,7 @@ async def test_a_host_log_processor_that_raises_costs_no_other_connection(
     gateway = await nursery.start(wsgate.Gateway(config).run)
     port = gateway.addresses[0][1]
     for i in range(2):  # the second client shows the gateway still serves
-        client = await RawClient.connect(port, "/echo")
-        try:
-            await client.send_text(f"hello {i}")
-            [echo] = await client.receive_frames(1)
-            assert echo.payload == f"hello {i}"
-            await client.close(1000)
-            with trio.fail_after(5):
-                assert await client.receive_close() == (1000, "")
-        finally:
-            await client.aclose()
+        await echo_and_close(port, f"hello {i}")
     with trio.fail_after(5):
         await wait_until(lambda: seen.count("connection_task_failed") == 2)
     assert gateway.stats().active_pairs == 0

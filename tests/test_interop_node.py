@@ -304,6 +304,14 @@ def refusal(status: int, body: bytes, *, close: bool) -> bytes:
     return (head + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
 
 
+async def in_front_of(nursery: trio.Nursery, handler: Any) -> wsgate.Gateway:
+    """A gateway whose one API (``/echo``) relays to a raw backend run by ``handler``."""
+    backend = await nursery.start(RawBackend(handler).serve)
+    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
+    gateway: wsgate.Gateway = await nursery.start(wsgate.Gateway(config).run)
+    return gateway
+
+
 @pytest.mark.parametrize("backend_closes", [True, False], ids=["ends-first", "keeps-alive"])
 async def test_a_backend_sees_fin_not_rst_after_its_403(
     nursery: trio.Nursery, backend_closes: bool
@@ -321,9 +329,7 @@ async def test_a_backend_sees_fin_not_rst_after_its_403(
         except trio.BrokenResourceError as exc:
             seen.append(f"reset ({exc.__cause__!r})")
 
-    backend = await nursery.start(RawBackend(refuse).serve)
-    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
-    gw = await nursery.start(wsgate.Gateway(config).run)
+    gw = await in_front_of(nursery, refuse)
     client = await RawClient.connect(gw.addresses[0][1])
     assert client.response is not None
     assert (client.response.status, client.response.body) == (403, b"no entry")
@@ -389,9 +395,7 @@ async def test_a_backend_whose_answer_is_not_http_is_reset(nursery: trio.Nursery
         except trio.BrokenResourceError:
             seen.append("reset")
 
-    backend = await nursery.start(RawBackend(babble).serve)
-    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
-    gw = await nursery.start(wsgate.Gateway(config).run)
+    gw = await in_front_of(nursery, babble)
     client = await RawClient.connect(gw.addresses[0][1])
     assert client.response is not None and client.response.status == 502
     await client.aclose()
@@ -420,9 +424,7 @@ async def test_a_backend_accepted_for_a_client_that_reset_meanwhile_gets_1001_an
         except trio.BrokenResourceError:
             seen.append("reset")
 
-    backend = await nursery.start(RawBackend(accept_late).serve)
-    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
-    gw = await nursery.start(wsgate.Gateway(config).run)
+    gw = await in_front_of(nursery, accept_late)
     with socket.socket() as sock:
         sock.connect(gw.addresses[0])
         sock.sendall(
@@ -499,9 +501,7 @@ async def test_a_backend_that_half_closes_without_a_close_frame_gets_a_fin(
         except trio.BrokenResourceError:
             seen.append("reset")
 
-    backend = await nursery.start(RawBackend(half_close).serve)
-    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
-    gw = await nursery.start(wsgate.Gateway(config).run)
+    gw = await in_front_of(nursery, half_close)
     client = await RawClient.connect(gw.addresses[0][1])
     try:
         with trio.fail_after(5):
@@ -529,9 +529,7 @@ async def test_a_client_that_half_closes_without_a_close_frame_gets_a_fin(
                 proto.receive_bytes(chunk)
         frames.extend((f.opcode.name, f.payload) for f in proto.received_frames())
 
-    backend = await nursery.start(RawBackend(record).serve)
-    config = make_config([{"name": "echo", "path": "echo", "service_url": backend.url}])
-    gw = await nursery.start(wsgate.Gateway(config).run)
+    gw = await in_front_of(nursery, record)
     client = await RawClient.connect(gw.addresses[0][1])
     stream = client.stream
     assert isinstance(stream, trio.SocketStream)
