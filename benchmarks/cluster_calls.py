@@ -1,10 +1,16 @@
 """Where a [cluster] check's time goes: the client's CPU, the wall time, Redis's own time.
 
-``python -m benchmarks.cluster_calls [--calls N]`` starts a redis-server on a
-free loopback port, runs N rate-limit checks one after another through
-:class:`wsgate.cluster.store.RedisStore` (RESP on Trio, hiredis), and prints per call:
-this process's CPU time, the wall time, and the time Redis itself spent in the
-script (``INFO commandstats``). One check in flight at a time: no queueing.
+``python -m benchmarks.cluster_calls [--calls N] [--gap MS]`` starts a
+redis-server on a free loopback port, runs N rate-limit checks one after
+another through :class:`wsgate.cluster.store.RedisStore` (RESP on Trio,
+hiredis), and prints per call: this process's CPU time, the wall time (mean,
+and its p50 / p99 / p99.9 / max, so a tail in the client shows), and the time
+Redis itself spent in the script (``INFO commandstats``). One check in flight
+at a time: no queueing.
+
+``--gap MS`` sleeps that long between checks, as the benchmark's one-at-a-time
+step does between handshakes (about 2 ms): both processes then sleep between
+calls and wake with cold caches, which costs more than back-to-back calls.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from wsgate.cluster.store import RedisStore
 from . import procs
 
 POLICY = object()
+QUANTILES = (0.5, 0.99, 0.999)
 
 
 def _info(port: int) -> str:
@@ -40,23 +47,35 @@ def _info(port: int) -> str:
         return body.decode()
 
 
-async def measure(url: str, calls: int) -> tuple[float, float]:
+def quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of an ascending list (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(url: str, calls: int, gap: float) -> tuple[float, list[float]]:
+    """CPU seconds per check, and each check's wall seconds (in order)."""
     store = RedisStore(RedisClient(ClusterConfig(redis_url=url, timeout=5.0)), {id(POLICY): "b"})
+    walls: list[float] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         for _ in range(200):  # connect, load the script, warm up
             await store.sliding_log(POLICY, "k", 10**9, 60)
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu = 0.0
         for _ in range(calls):
+            if gap:
+                await trio.sleep(gap)
+            began_cpu, began = time.process_time(), time.perf_counter()
             await store.sliding_log(POLICY, "k", 10**9, 60)
-        result = (time.process_time() - cpu) / calls, (time.perf_counter() - wall) / calls
+            walls.append(time.perf_counter() - began)
+            cpu += time.process_time() - began_cpu
         nursery.cancel_scope.cancel()
-    return result
+    return cpu / calls, walls
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--gap", type=float, default=0.0, help="milliseconds between checks")
     args = parser.parse_args()
     binary = shutil.which("redis-server")
     if binary is None:
@@ -68,15 +87,21 @@ def main() -> None:
         )
         try:
             procs.wait_port(port, server, timeout=10)
-            cpu, wall = trio.run(measure, f"redis://127.0.0.1:{port}/0", args.calls)
+            cpu, walls = trio.run(
+                measure, f"redis://127.0.0.1:{port}/0", args.calls, args.gap / 1000
+            )
             stats = re.search(r"cmdstat_evalsha:calls=(\d+),usec=(\d+)", _info(port))
         finally:
             procs.kill(server)
     assert stats is not None
     redis_us = int(stats[2]) / int(stats[1])
-    print(f"{args.calls} sequential rate-limit checks through RedisStore (RESP, hiredis)")
+    ordered = sorted(walls)
+    tail = " / ".join(f"{quantile(ordered, q) * 1e6:.0f}" for q in QUANTILES)
+    gap = f", {args.gap:g} ms apart" if args.gap else ", back to back"
+    print(f"{args.calls} sequential rate-limit checks through RedisStore (RESP, hiredis){gap}")
     print(f"client CPU per check:   {cpu * 1e6:8.1f} us")
-    print(f"wall time per check:    {wall * 1e6:8.1f} us")
+    print(f"wall time per check:    {sum(walls) / len(walls) * 1e6:8.1f} us mean")
+    print(f"  p50 / p99 / p99.9:    {tail} us (max {ordered[-1] * 1e6:.0f})")
     print(f"Redis time per script:  {redis_us:8.1f} us (INFO commandstats, evalsha)")
 
 
