@@ -107,8 +107,9 @@ class RespConnection:
                 if isinstance(reply, self._error):
                     raise RedisReplyError(str(reply))
                 return reply
+            chunk: bytes
             if fd is None:
-                chunk = await self.stream.receive_some(65536)
+                chunk = bytes(await self.stream.receive_some(65536))
             else:
                 await trio.lowlevel.wait_readable(fd)
                 try:
