@@ -355,9 +355,11 @@ class Bench:
         }
         idle: dict[str, Any] = {"urls": []}
         probes = [Probe(t.pids(), [self.backend.pid], self.gen.pids) for t in targets]
+        # Each target is "other" to the other's probe: this one counts them all.
+        both = Probe([pid for t in targets for pid in t.pids()], [self.backend.pid], self.gen.pids)
 
         def window(edge: str) -> None:
-            for probe in probes:
+            for probe in [*probes, both]:
                 probe.sample(edge)
 
         duration = self.o.pair_duration
@@ -368,10 +370,12 @@ class Bench:
             duration=duration,
             window=window,
         )
+        others = both.cpu(0).get("other_cpu_pct")
         single = {}
         for target, probe, result in zip(targets, probes, results[0]["by_url"], strict=True):
             single[target.name] = figures([result], probe, duration, 32)
             single[target.name].pop("mb_per_s", None)
+            single[target.name]["other_cpu_pct"] = None if others is None else round(others, 1)
         first, second = (single[t.name] for t in targets)
         added: dict[str, Any] = {
             "baseline": targets[0].name,
@@ -379,6 +383,8 @@ class Bench:
             "order": "alternating, random order per pair",
             "seconds": duration,
             "pairs": min(first["messages"], second["messages"]),
+            # Processes outside this run (other sessions), in percent of one core.
+            "other_cpu_pct": first["other_cpu_pct"],
         }
         for key in ("p50_us", "p99_us", "p999_us", "mean_us"):
             a, b = first.get(key), second.get(key)
@@ -647,6 +653,12 @@ class Bench:
                     "up throughout, a random order per pair), so both see the same moments of "
                     f"the machine; {paired['pairs']:,} pairs. Added by [cluster] "
                     f"(p50 / p99 / p99.9): {added}."
+                    + (
+                        ""
+                        if paired.get("other_cpu_pct") is None
+                        else f" Processes outside this run used {paired['other_cpu_pct']:.0f}% "
+                        "of a core meanwhile."
+                    )
                 )
         if pairs and o.idle_pairs > 0:
             summary.append(f"Idle pairs: {pairs:,} per proxy, each proxy restarted before.")

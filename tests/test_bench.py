@@ -315,6 +315,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert single["wsgate-ratelimit"]["messages"] == single["wsgate-redis"]["messages"]
     assert added["pairs"] == single["wsgate-redis"]["messages"]
     assert added["baseline"] == "wsgate-ratelimit" and added["target"] == "wsgate-redis"
+    assert added["other_cpu_pct"] is not None  # both targets counted as ours, not "other"
     p99 = {name: figures["p99_us"] for name, figures in single.items()}
     assert added["p99_us"] == p99["wsgate-redis"] - p99["wsgate-ratelimit"]
     idle = report["idle"]["results"]
