@@ -10,8 +10,9 @@ Over TCP and unix sockets a call writes and reads the socket itself
 (non-blocking, on its descriptor) and parks on the Trio loop only to wait for
 the reply: one trip through the scheduler per call. ``SocketStream.send_all``
 and ``receive_some`` each add a scheduling point of their own (three per
-call), about 20 us of CPU per check on a 2-core machine and as much latency
-(``python -m benchmarks.cluster_calls``). TLS (``rediss://``) goes through
+call): about 30 us more CPU per check, and with checks 2 ms apart about
+35 us more wall time (``python -m benchmarks.cluster_calls --compare``,
+docs/cluster.md). TLS (``rediss://``) goes through
 :class:`trio.SSLStream`. Trio's ``SocketStream`` sets ``TCP_NODELAY``, so a
 command is never held back waiting for a previous segment's ACK.
 
