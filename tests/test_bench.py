@@ -15,7 +15,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from benchmarks import icount, procs, stats, tracemem
+from benchmarks import cluster_calls, icount, procs, stats, tracemem
 from benchmarks.loadgen import split
 from benchmarks.run import (
     Options,
@@ -121,6 +121,14 @@ def test_split_and_scenario_syntax() -> None:
     assert split(1, 2) == [1, 0]
     assert _scenario_arg("10x64Kx16") == (10, 65536, 16)
     assert _scenario_arg("100x32x1") == (100, 32, 1)
+
+
+async def test_cluster_calls_times_every_check_on_each_path(redis_url: str) -> None:
+    cpu, walls = await cluster_calls.measure(redis_url, 20, 0.0)
+    assert len(walls) == 20 and all(w > 0 for w in walls) and cpu > 0
+    paths = await cluster_calls.compare(redis_url, 20, 0.001)
+    assert set(paths) == {"own socket I/O", "SocketStream"}
+    assert all(len(walls) == 20 and cpu > 0 for cpu, walls in paths.values())
 
 
 def test_the_one_at_a_time_step_has_its_own_duration() -> None:
