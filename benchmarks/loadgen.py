@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import random
 import signal
 import ssl
 import struct
@@ -427,6 +428,73 @@ async def handshakes(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def handshake_pairs(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
+    """One loop over ``spec['urls']`` (two targets): each round runs one full cycle
+    (connect, one echo, close) against every target, in a random order per round.
+
+    Both targets are measured in the same instants, so a busy moment of the
+    machine lands on both sides alike; running them one after the other would
+    give each its own moments. A round with a failed cycle is not recorded (an
+    error is counted). Returns one result per URL (none for a worker given no URLs).
+    """
+    urls: list[str] = spec["urls"]
+    ctx = _client_ssl(spec)
+    headers = [tuple(h) for h in spec.get("headers", [])]
+    states = [RunState() for _ in urls]
+    completed = [array("q") for _ in urls]
+    order = random.Random(spec.get("seed", 0))
+    timing = await _await_go(conn, {"opened": 0})
+    loop = asyncio.get_running_loop()
+
+    async def one(index: int) -> int | None:
+        """One cycle against ``urls[index]``: its microseconds, or None if it failed."""
+        state = states[index]
+        began = time.perf_counter_ns()
+        client: Client | None = None
+        step = "connect"
+        try:
+            _, client = await _connect(urls[index], lambda: Client(state, 32, 1), ctx, headers)
+            step = "echo"
+            client.echoed = loop.create_future()
+            client.send_one()
+            await asyncio.wait_for(client.echoed, CONNECT_TIMEOUT)
+            step = "close"
+            client.close()
+            assert client.transport is not None
+            await asyncio.wait_for(client.transport.wait_disconnected(), CLOSE_TIMEOUT)
+        except Exception as exc:
+            state.failed(exc, step)
+            if client is not None and client.transport is not None:
+                client.transport.disconnect(graceful=False)
+            return None
+        return (time.perf_counter_ns() - began) // 1000
+
+    await asyncio.sleep(max(0.0, timing["start"] - time.monotonic()))
+    indexes = list(range(len(urls)))
+    while urls and time.monotonic() < timing["measure_to"]:
+        order.shuffle(indexes)
+        in_window = time.monotonic() >= timing["measure_from"]
+        took = [(index, await one(index)) for index in indexes]
+        if any(us is None for _, us in took):
+            await asyncio.sleep(0.01)
+            continue  # a pair is kept whole or not at all
+        if in_window and time.monotonic() < timing["measure_to"]:
+            for index, us in took:
+                completed[index].append(us)  # type: ignore[arg-type]
+    return {
+        "by_url": [
+            {
+                "opened": 0,
+                "messages": len(done),
+                "error_examples": state.examples,
+                "latency_counts": dict(Counter(done)),
+                "errors": state.errors(),
+            }
+            for state, done in zip(states, completed, strict=True)
+        ],
+    }
+
+
 async def idle(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """Open connections, echo once on each, hold them until 'go', then close them."""
     state = RunState()
@@ -445,7 +513,12 @@ async def idle(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-COMMANDS = {"load": load, "handshakes": handshakes, "idle": idle}
+COMMANDS = {
+    "load": load,
+    "handshakes": handshakes,
+    "handshake_pairs": handshake_pairs,
+    "idle": idle,
+}
 
 
 def _run(coro: Any) -> Any:

@@ -6,7 +6,9 @@ every target, then measures, in this order:
 1. load scenarios: for each scenario every target in turn (the order rotates
    from one scenario to the next), ``rounds`` times; for each target the
    round least disturbed by other processes is kept;
-2. handshakes per second, each target in turn;
+2. handshakes per second, each target in turn; then one handshake at a
+   time, one client loop alternating between the rate-limit counted in memory
+   and the same counted in Redis (what ``[cluster]`` adds, docs/cluster.md);
 3. memory per idle pair, each proxy restarted fresh;
 4. the TLS front end (wsgate and nginx with a trustme certificate).
 
@@ -69,6 +71,11 @@ TLS_QUICK: list[Scenario] = [(100, 32, 1)]
 #: the ratios use. Without wsgate-2w and trio-naive it fits in about a minute.
 QUICK_TARGETS = ["direct", "wsgate", "wsgate-reactor", "nginx", "websockets-relay"]
 
+#: The one-at-a-time step: the in-memory check, then the same check in Redis.
+PAIRED = ("wsgate-ratelimit", "wsgate-redis")
+#: The order of each pair is random, but the same from run to run.
+PAIR_SEED = 17
+
 #: Pairs held open for the memory figure (the issue asks for 10,000).
 IDLE_PAIRS = 10_000
 
@@ -85,6 +92,8 @@ class Options:
     processes: int = 2
     handshake_duration: float = 3.0
     handshake_concurrency: int = 16  # per generator process
+    #: Seconds of the one-at-a-time step (both rate-limit targets, alternating; 0: skip).
+    pair_duration: float = 30.0
     idle_pairs: int = IDLE_PAIRS
     tls: bool = True
     charts: bool = True
@@ -107,6 +116,7 @@ def quick_options() -> Options:
         duration=0.6,
         rounds=1,
         handshake_duration=0.5,
+        pair_duration=2.0,
         idle_pairs=200,
         quiet_wait=5.0,
         quiet_step=0.3,
@@ -293,25 +303,18 @@ class Bench:
         out["wall_s"] = round(time.monotonic() - began, 2)
         return out
 
-    def handshakes(self, target: Target, *, one_at_a_time: bool = False) -> dict[str, Any]:
-        """Churn cycles against ``target``: every generator's loops, or a single loop.
-
-        ``one_at_a_time``: one client loop in all (the other generator workers
-        idle), so latency is one cycle's own and not the queue behind a
-        saturated proxy: what a check adds to one handshake.
-        """
+    def handshakes(self, target: Target) -> dict[str, Any]:
+        """Churn cycles against ``target``: every generator's loops at once."""
         assert self.gen is not None and self.backend is not None
         self.settle(target)
         specs = [
             {
                 "url": target.url,
-                "concurrency": (1 if index == 0 else 0)
-                if one_at_a_time
-                else self.o.handshake_concurrency,
+                "concurrency": self.o.handshake_concurrency,
                 "ca_pem": self._ca(target),
                 "headers": target.headers,
             }
-            for index in range(self.o.processes)
+            for _ in range(self.o.processes)
         ]
         probe = Probe(target.pids(), [self.backend.pid], self.gen.pids)
         warmup = min(0.5, self.o.warmup)
@@ -325,6 +328,68 @@ class Bench:
         out = figures(results, probe, self.o.handshake_duration, 32)
         out.pop("mb_per_s", None)
         return out
+
+    def paired_handshakes(
+        self, targets: list[Target]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """One client loop in all that alternates between ``targets`` (random order per
+        round): each target's figures, and what the second adds over the first.
+
+        One loop: no queue forms, so a cycle's latency is one handshake's own.
+        Alternating: both targets are measured over the same seconds, so a busy
+        moment of this shared machine lands on both alike; measured one after the
+        other, each would get its own moments and the difference of two tails
+        would be mostly noise. Every target is up for the whole window.
+        """
+        assert self.gen is not None and self.backend is not None
+        if self.o.quiet_step > 0:
+            own = [pid for t in targets for pid in t.pids()]
+            procs.wait_for_quiet_step(self.o.quiet_step, [*own, self.backend.pid, *self.gen.pids])
+        headers = targets[0].headers
+        assert all(t.headers == headers for t in targets), "one loop sends one set of headers"
+        spec = {
+            "urls": [t.url for t in targets],
+            "ca_pem": self._ca(targets[0]),
+            "headers": headers,
+            "seed": PAIR_SEED,
+        }
+        idle: dict[str, Any] = {"urls": []}
+        probes = [Probe(t.pids(), [self.backend.pid], self.gen.pids) for t in targets]
+        # Each target is "other" to the other's probe: this one counts them all.
+        both = Probe([pid for t in targets for pid in t.pids()], [self.backend.pid], self.gen.pids)
+
+        def window(edge: str) -> None:
+            for probe in [*probes, both]:
+                probe.sample(edge)
+
+        duration = self.o.pair_duration
+        _, results = self.gen.run(
+            "handshake_pairs",
+            [spec, *[idle] * (self.o.processes - 1)],
+            warmup=min(0.5, self.o.warmup),
+            duration=duration,
+            window=window,
+        )
+        others = both.cpu(0).get("other_cpu_pct")
+        single = {}
+        for target, probe, result in zip(targets, probes, results[0]["by_url"], strict=True):
+            single[target.name] = figures([result], probe, duration, 32)
+            single[target.name].pop("mb_per_s", None)
+            single[target.name]["other_cpu_pct"] = None if others is None else round(others, 1)
+        first, second = (single[t.name] for t in targets)
+        added: dict[str, Any] = {
+            "baseline": targets[0].name,
+            "target": targets[1].name,
+            "order": "alternating, random order per pair",
+            "seconds": duration,
+            "pairs": min(first["messages"], second["messages"]),
+            # Processes outside this run (other sessions), in percent of one core.
+            "other_cpu_pct": first["other_cpu_pct"],
+        }
+        for key in ("p50_us", "p99_us", "p999_us", "mean_us"):
+            a, b = first.get(key), second.get(key)
+            added[key] = None if a is None or b is None else round(b - a, 1)
+        return single, added
 
     def idle(self, target: Target, pairs: int) -> dict[str, Any]:
         assert self.gen is not None
@@ -406,11 +471,7 @@ class Bench:
         steps = (
             len(o.scenarios) * len(available) * o.rounds
             + (len(available) + len(hs_only) if o.handshake_duration > 0 else 0)
-            + (
-                sum(n in hs_only for n in ("wsgate-ratelimit", "wsgate-redis"))
-                if o.handshake_duration > 0
-                else 0
-            )
+            + (1 if o.handshake_duration > 0 and o.pair_duration > 0 else 0)
             + len(idle_names)
             + len(tls_names) * (len(o.tls_scenarios) + (1 if o.handshake_duration > 0 else 0))
         )
@@ -443,14 +504,12 @@ class Bench:
                     self.advance()
                 report["handshakes"] = {"results": hs}
                 # What [cluster] adds to one handshake, without a queue in front of it.
-                single = {}
-                for name in ("wsgate-ratelimit", "wsgate-redis"):
-                    if name in targets:
-                        self.step(f"one handshake at a time: {name}")
-                        single[name] = self.handshakes(targets[name], one_at_a_time=True)
-                        self.advance()
-                if single:
+                if o.pair_duration > 0 and all(n in targets for n in PAIRED):
+                    self.step("one handshake at a time: " + " / ".join(PAIRED))
+                    single, added = self.paired_handshakes([targets[n] for n in PAIRED])
                     report["handshakes"]["one_at_a_time"] = single
+                    report["handshakes"]["cluster_added"] = added
+                    self.advance()
 
             if idle_names:
                 idle = {}
@@ -582,6 +641,25 @@ class Bench:
                     if n in HANDSHAKES_ONLY
                 )
             )
+            paired = report.get("handshakes", {}).get("cluster_added")
+            if paired:
+                added = " / ".join(
+                    "-" if paired.get(k) is None else f"{paired[k]:+,.0f} us"
+                    for k in ("p50_us", "p99_us", "p999_us")
+                )
+                summary.append(
+                    f"One handshake at a time: one client loop in all, for {paired['seconds']:g} "
+                    f"s, alternating between {paired['baseline']} and {paired['target']} (both "
+                    "up throughout, a random order per pair), so both see the same moments of "
+                    f"the machine; {paired['pairs']:,} pairs. Added by [cluster] "
+                    f"(p50 / p99 / p99.9): {added}."
+                    + (
+                        ""
+                        if paired.get("other_cpu_pct") is None
+                        else f" Processes outside this run used {paired['other_cpu_pct']:.0f}% "
+                        "of a core meanwhile."
+                    )
+                )
         if pairs and o.idle_pairs > 0:
             summary.append(f"Idle pairs: {pairs:,} per proxy, each proxy restarted before.")
         return {
@@ -725,6 +803,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="repeat the load matrix; keep the median")
     p.add_argument("--processes", type=int, help="load generator processes (default 2)")
     p.add_argument("--handshake-duration", type=float, help="seconds; 0 skips handshakes")
+    p.add_argument(
+        "--pair-duration",
+        type=float,
+        help="seconds of one loop alternating wsgate-ratelimit and wsgate-redis "
+        "(default 30; 0 skips it)",
+    )
     p.add_argument("--idle-pairs", type=int, help="idle pairs per proxy; 0 skips the memory test")
     p.add_argument("--no-tls", action="store_true", help="skip the TLS front end")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
@@ -759,7 +843,15 @@ def options_from_args(args: argparse.Namespace) -> Options:
         o.scenarios = args.scenarios
     if args.targets or args.scenarios:
         o.mode = f"partial {o.mode}"  # the report's title says what was left out
-    names = ("warmup", "duration", "rounds", "processes", "handshake_duration", "idle_pairs")
+    names = (
+        "warmup",
+        "duration",
+        "rounds",
+        "processes",
+        "handshake_duration",
+        "pair_duration",
+        "idle_pairs",
+    )
     for name in (*names, "quiet_wait", "quiet_step"):
         value = getattr(args, name)
         if value is not None:

@@ -458,16 +458,17 @@ def goals(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     handshakes = report.get("handshakes", {}).get("one_at_a_time", {})
     memory, redis = handshakes.get("wsgate-ratelimit", {}), handshakes.get("wsgate-redis", {})
     added = {}
-    for quantile in ("p50", "p99"):
+    for quantile in ("p50", "p99", "p999"):
         a, b = memory.get(f"{quantile}_us"), redis.get(f"{quantile}_us")
         added[quantile] = None if a is None or b is None else b - a
     v = added["p99"]
     check(
-        "one handshake at a time: p50 / p99 added by [cluster] (wsgate-redis - wsgate-ratelimit)",
+        "one handshake at a time: p50 / p99 / p99.9 added by [cluster] "
+        "(wsgate-redis - wsgate-ratelimit, one loop alternating between them)",
         v,
         "p99 <= 1 ms",
         None if v is None else v <= 1000,
-        f"{fmt_num(added['p50'])} / {fmt_num(v)} us",
+        f"{fmt_num(added['p50'])} / {fmt_num(v)} / {fmt_num(added['p999'])} us",
     )
     # The reactor engine's own targets.
     for connections, wanted_ratio in ((100, 0.7), (1000, 0.9)):

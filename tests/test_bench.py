@@ -15,7 +15,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from benchmarks import floor_profile, icount, procs, stats, tracemem
+from benchmarks import cluster_calls, floor_profile, icount, procs, stats, tracemem
 from benchmarks.loadgen import split
 from benchmarks.run import (
     Options,
@@ -123,6 +123,23 @@ def test_split_and_scenario_syntax() -> None:
     assert _scenario_arg("100x32x1") == (100, 32, 1)
 
 
+async def test_cluster_calls_times_every_check_on_each_path(redis_url: str) -> None:
+    cpu, walls = await cluster_calls.measure(redis_url, 20, 0.0)
+    assert len(walls) == 20 and all(w > 0 for w in walls) and cpu > 0
+    paths = await cluster_calls.compare(redis_url, 20, 0.001)
+    assert set(paths) == {"own socket I/O", "SocketStream"}
+    assert all(len(walls) == 20 and cpu > 0 for cpu, walls in paths.values())
+
+
+def test_the_one_at_a_time_step_has_its_own_duration() -> None:
+    def pair_duration(*argv: str) -> float:
+        return options_from_args(build_parser().parse_args(list(argv))).pair_duration
+
+    assert pair_duration() == 30.0
+    assert pair_duration("--quick") == 2.0
+    assert pair_duration("--pair-duration", "0") == 0.0  # skips it
+
+
 def test_a_run_with_chosen_scenarios_or_targets_is_titled_partial() -> None:
     def mode(*argv: str) -> str:
         return options_from_args(build_parser().parse_args(list(argv))).mode
@@ -181,6 +198,21 @@ def test_markdown_table_and_ratios() -> None:
     # Issue 7's goals: 2.00x >= 1.8x is met; 10 KiB per idle pair <= 12 KiB is met.
     assert "| 100 x 32 B: wsgate / websockets-relay | 2.00x | >= 1.8x | met |" in md
     assert "| memory per idle pair | 10.0 KiB | <= 12 KiB | met |" in md
+
+
+def test_the_cluster_goal_row_subtracts_the_in_memory_check() -> None:
+    def side(p50: int, p99: int, p999: int) -> dict[str, Any]:
+        return {"p50_us": p50, "p99_us": p99, "p999_us": p999, "errors": 0}
+
+    def row(redis: dict[str, Any]) -> tuple[str, str]:
+        single = {"wsgate-ratelimit": side(1500, 2000, 3000), "wsgate-redis": redis}
+        report = {"handshakes": {"results": {}, "one_at_a_time": single}, "load": []}
+        found = [(m, v) for goal, m, _w, v in stats.goals(report) if "[cluster]" in goal]
+        assert len(found) == 1
+        return found[0]
+
+    assert row(side(1800, 3000, 4500)) == ("300 / 1,000 / 1,500 us", "met")
+    assert row(side(1800, 3001, 2500)) == ("300 / 1,001 / -500 us", "**not met**")
 
 
 def test_churn_table_divides_cpu_per_cycle_by_nginx() -> None:
@@ -259,6 +291,7 @@ def tiny_options(tmp_path: Path, **overrides: Any) -> Options:
         "processes": 2,
         "handshake_duration": 0.2,
         "handshake_concurrency": 2,
+        "pair_duration": 0.5,
         "idle_pairs": 10,
         "tls": True,
         "charts": False,
@@ -296,6 +329,15 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         # and one handshake at a time, for the latency the check adds
         single = report["handshakes"]["one_at_a_time"][name]
         assert single["errors"] == 0 and single["messages"] > 0, name
+    # One loop alternated between the two: every round measured both, so the counts match.
+    single = report["handshakes"]["one_at_a_time"]
+    added = report["handshakes"]["cluster_added"]
+    assert single["wsgate-ratelimit"]["messages"] == single["wsgate-redis"]["messages"]
+    assert added["pairs"] == single["wsgate-redis"]["messages"]
+    assert added["baseline"] == "wsgate-ratelimit" and added["target"] == "wsgate-redis"
+    assert added["other_cpu_pct"] is not None  # both targets counted as ours, not "other"
+    p99 = {name: figures["p99_us"] for name, figures in single.items()}
+    assert added["p99_us"] == p99["wsgate-redis"] - p99["wsgate-ratelimit"]
     idle = report["idle"]["results"]
     assert list(idle) == ["wsgate"]  # direct has no proxy to weigh
     assert idle["wsgate"]["pairs"] == 10 and idle["wsgate"]["alive"] == 10
@@ -312,6 +354,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert "| 2 x 64 B, depth 1 | **wsgate** |" in md
     assert "## TLS front end" in md
     assert "| **wsgate-redis** |" in md and "added by [cluster]" in md
+    assert "alternating between wsgate-ratelimit and wsgate-redis" in md
     assert "| **wsgate-jwt** |" in md and "handshakes per second (validate-jwt, RS256) |" in md
     assert procs._children == []  # every process started was stopped
 

@@ -73,6 +73,19 @@ async def units(
     return ports
 
 
+def answered_within(handshakes: list[dict[str, Any]], timeout: float) -> int:
+    """Assert every handshake was answered within ``timeout`` + 100 ms; how many waited
+    for Redis (took ``timeout`` or more).
+
+    Timed by the gateway itself: its handshake record's ``total_time`` runs from
+    accepting the connection to answering it (the 503, or the 101 under "open").
+    """
+    assert handshakes
+    seconds = [record["total_time"] / 1000 for record in handshakes]
+    assert max(seconds) < timeout + 0.1, seconds
+    return sum(s >= timeout for s in seconds)
+
+
 async def handshake(port: int, headers: Any = None, target: str = "/echo") -> Response:
     client = await RawClient.connect(port, target, headers)
     await client.aclose()
@@ -162,8 +175,9 @@ async def test_paused_redis_is_answered_within_timeout(
     policy: str | None,
     expected: int,
 ) -> None:
+    timeout = 0.3
     rate = {**RATE, **({"on_unavailable": policy} if policy else {})}
-    document = config(echo_url, own_redis.url, [rate], timeout=0.3, on_unavailable=table)
+    document = config(echo_url, own_redis.url, [rate], timeout=timeout, on_unavailable=table)
     [port] = await units(nursery, document, 1)
     assert (await handshake(port)).status == 101
     own_redis.pause()
@@ -172,15 +186,19 @@ async def test_paused_redis_is_answered_within_timeout(
             for _ in range(4):
                 started = trio.current_time()
                 response = await handshake(port)
-                assert trio.current_time() - started < 0.3 + 1.0  # timeout, wide margin
+                # Only a guard against a hang: seen from the client, the time also holds
+                # connecting, this process's other tasks and a busy machine.
+                assert trio.current_time() - started < timeout + 1.0
                 assert response.status == expected
                 if expected == 503:
                     assert response.header("retry-after") == "1"
+                await trio.sleep(0.2)  # the last falls after PROBE_INTERVAL: a probe
     finally:
         own_redis.resume()
     events = [record["event"] for record in logs]
     assert events.count("cluster_redis_unavailable") == 1
     handshakes = [record for record in logs if record["event"] == "handshake"]
+    assert answered_within(handshakes, timeout) >= 2  # the first, and the probe
     if expected == 503:
         assert {r["last_error_reason"] for r in handshakes} == {"ClusterUnavailable"}
     else:
@@ -190,18 +208,22 @@ async def test_paused_redis_is_answered_within_timeout(
 async def test_redis_gone_then_back(
     nursery: trio.Nursery, echo_url: str, own_redis: RedisServer
 ) -> None:
-    document = config(echo_url, own_redis.url, [RATE], timeout=0.5)
+    timeout = 0.5
+    document = config(echo_url, own_redis.url, [RATE], timeout=timeout)
     [port] = await units(nursery, document, 1)
     assert (await handshake(port)).status == 101
     own_redis.kill()
-    started = trio.current_time()
-    assert (await handshake(port)).status == 503
-    assert trio.current_time() - started < 0.5 + 1.0
-    own_redis.start()  # empty: the window starts again
-    with trio.fail_after(10):
-        while (response := await handshake(port)).status == 503:  # noqa: ASYNC110
-            await trio.sleep(0.1)  # until the next probe reaches it
+    with capture_logs() as logs:
+        started = trio.current_time()
+        assert (await handshake(port)).status == 503
+        assert trio.current_time() - started < timeout + 1.0  # the hang guard
+        own_redis.start()  # empty: the window starts again
+        with trio.fail_after(10):
+            while (response := await handshake(port)).status == 503:  # noqa: ASYNC110
+                await trio.sleep(0.1)  # until the next probe reaches it
     assert response.status == 101
+    # Refused connections fail at once; every handshake of the outage was answered in time.
+    answered_within([r for r in logs if r["event"] == "handshake"], timeout)
     assert [(await handshake(port)).status for _ in range(3)] == [101, 101, 429]
 
 
