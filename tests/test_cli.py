@@ -449,3 +449,22 @@ async def test_serve_keeps_relaying_when_stdout_loses_its_reader(
         stderr = await gw.stderr()
     assert stderr.count("wsgate: dropping log records: stdout:") == 1, stderr
     assert "Traceback" not in stderr
+
+
+async def test_serve_freezes_what_start_up_made_out_of_the_collectors_sight(
+    tmp_path: Path, echo_url: str
+) -> None:
+    # A full garbage collection walks every tracked object: with start-up's
+    # modules, config and clients frozen it walks only what connections make
+    # (one at a time, p99 of a handshake went from 6.7 to 3.5-3.8 ms; cluster.md).
+    config = tmp_path / "gateway.toml"
+    config.write_text(GOOD_CONFIG.format(service_url=echo_url))
+    args = ("serve", "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "debug")
+    async with wsgate(*args) as gw:
+        frozen = await gw.wait_for("startup_objects_frozen")  # logged after gateway_started
+        assert frozen["objects"] > 10_000  # the modules alone are tens of thousands
+        [started] = gw.events("gateway_started")
+        [address] = started["addresses"]
+        await echo_and_close(port_of(address), "after the freeze")
+        gw.process.send_signal(signal.SIGTERM)
+        assert await gw.exit_code() == 0
