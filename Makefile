@@ -46,7 +46,8 @@ node:
 proxies:
 	@bash benchmarks/install_proxies.sh
 
-## redis-server, for the [cluster] tests (tests/redis_server.py starts it on a free port).
+## redis-server, for the [cluster] tests (tests/redis_server.py starts it on a free port)
+## and the benchmark's wsgate-redis row.
 redis:
 	@if command -v redis-server >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
@@ -75,7 +76,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 ## Load benchmark (12-15 minutes on 2 cores): markdown table, JSON and charts in
 ## benchmarks/results/ (see docs/performance.md). Extra options: make bench BENCH_ARGS='...'.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) redis
 	@bash benchmarks/install_proxies.sh
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 

@@ -439,11 +439,16 @@ class Bench:
         tls_names = [n for n in TLS if n.removesuffix("-tls") in available] if o.tls else []
         idle_names = [n for n in available if ALL[n].proxy] if o.idle_pairs > 0 else []
         # e.g. wsgate-jwt, measured beside wsgate.
-        hs_only = (
-            [n for n, cls in HANDSHAKES_ONLY.items() if cls.base in available]
-            if o.handshake_duration > 0
-            else []
-        )
+        hs_only = []
+        if o.handshake_duration > 0:
+            for name, cls in HANDSHAKES_ONLY.items():
+                if cls.base not in available:
+                    continue
+                reason = cls.absent()  # e.g. wsgate-redis without redis-server
+                if reason is None:
+                    hs_only.append(name)
+                else:
+                    self.notes.append(f"The {name} row is absent: {reason}.")
         pairs = self.idle_pairs()
         if o.quiet_wait > 0:
             print("waiting for a quiet machine...", file=sys.stderr, flush=True)

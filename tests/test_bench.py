@@ -455,3 +455,21 @@ def test_floor_profile_sorts_code_into_areas_and_shares_the_extra() -> None:
         "| a | 100 | 130 | 30% |",
         "| all | 100 | 200 | |",
     ]
+
+
+def test_a_handshake_row_that_cannot_run_here_is_noted_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A machine without redis-server still gets its run, without the wsgate-redis
+    # row (and so without the one-at-a-time pair), and the report says why.
+    from benchmarks.targets import WsgateRedis
+
+    monkeypatch.setattr(
+        WsgateRedis, "absent", classmethod(lambda cls: "redis-server is not installed")
+    )
+    report = run(tiny_options(tmp_path, targets=["wsgate"], processes=1, idle_pairs=0, tls=False))
+    assert "wsgate-redis" not in report["handshakes"]["results"]
+    assert "wsgate-ratelimit" in report["handshakes"]["results"]
+    assert "cluster_added" not in report["handshakes"]
+    notes = (tmp_path / "latest.md").read_text()
+    assert "The wsgate-redis row is absent: redis-server is not installed." in notes
