@@ -381,6 +381,28 @@ async def load(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _one_cycle(url: str, state: RunState, size: int, ctx: Any, headers: list[Any]) -> bool:
+    """Connect, echo one ``size`` B message, close; False (counted in ``state``) on a failure."""
+    client: Client | None = None
+    step = "connect"  # which step failed, for the report
+    try:
+        _, client = await _connect(url, lambda: Client(state, size, 1), ctx, headers)
+        step = "echo"
+        client.echoed = asyncio.get_running_loop().create_future()
+        client.send_one()
+        await asyncio.wait_for(client.echoed, CONNECT_TIMEOUT)
+        step = "close"
+        client.close()
+        assert client.transport is not None
+        await asyncio.wait_for(client.transport.wait_disconnected(), CLOSE_TIMEOUT)
+    except Exception as exc:
+        state.failed(exc, step)
+        if client is not None and client.transport is not None:
+            client.transport.disconnect(graceful=False)
+        return False
+    return True
+
+
 async def handshakes(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """``spec['concurrency']`` loops of: connect, one echo, close; count whole cycles."""
     state = RunState()
@@ -388,7 +410,6 @@ async def handshakes(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     url, size = spec["url"], spec.get("size", 32)
     headers = [tuple(h) for h in spec.get("headers", [])]
     timing = await _await_go(conn, {"opened": 0})
-    loop = asyncio.get_running_loop()
     state.sending = False
     completed = array("q")
 
@@ -396,22 +417,7 @@ async def handshakes(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, timing["start"] - time.monotonic()))
         while time.monotonic() < timing["measure_to"]:
             began = time.perf_counter_ns()
-            client: Client | None = None
-            step = "connect"  # which step failed, for the report
-            try:
-                _, client = await _connect(url, lambda: Client(state, size, 1), ctx, headers)
-                step = "echo"
-                client.echoed = loop.create_future()
-                client.send_one()
-                await asyncio.wait_for(client.echoed, CONNECT_TIMEOUT)
-                step = "close"
-                client.close()
-                assert client.transport is not None
-                await asyncio.wait_for(client.transport.wait_disconnected(), CLOSE_TIMEOUT)
-            except Exception as exc:
-                state.failed(exc, step)
-                if client is not None and client.transport is not None:
-                    client.transport.disconnect(graceful=False)
+            if not await _one_cycle(url, state, size, ctx, headers):
                 await asyncio.sleep(0.01)
                 continue
             now = time.monotonic()
@@ -444,28 +450,11 @@ async def handshake_pairs(conn: Connection, spec: dict[str, Any]) -> dict[str, A
     completed = [array("q") for _ in urls]
     order = random.Random(spec.get("seed", 0))
     timing = await _await_go(conn, {"opened": 0})
-    loop = asyncio.get_running_loop()
 
     async def one(index: int) -> int | None:
         """One cycle against ``urls[index]``: its microseconds, or None if it failed."""
-        state = states[index]
         began = time.perf_counter_ns()
-        client: Client | None = None
-        step = "connect"
-        try:
-            _, client = await _connect(urls[index], lambda: Client(state, 32, 1), ctx, headers)
-            step = "echo"
-            client.echoed = loop.create_future()
-            client.send_one()
-            await asyncio.wait_for(client.echoed, CONNECT_TIMEOUT)
-            step = "close"
-            client.close()
-            assert client.transport is not None
-            await asyncio.wait_for(client.transport.wait_disconnected(), CLOSE_TIMEOUT)
-        except Exception as exc:
-            state.failed(exc, step)
-            if client is not None and client.transport is not None:
-                client.transport.disconnect(graceful=False)
+        if not await _one_cycle(urls[index], states[index], 32, ctx, headers):
             return None
         return (time.perf_counter_ns() - began) // 1000
 
