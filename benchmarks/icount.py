@@ -42,6 +42,7 @@ from .soak import tls_certificate
 from .targets import (
     PATH,
     ROOT,
+    Target,
     TrioFloor,
     Wsgate,
     WsgateMetrics,
@@ -52,7 +53,7 @@ from .targets import (
 )
 
 #: ``trio-floor`` is the brief's per-connection shape with nothing of a gateway in it.
-TARGETS: dict[str, type[Wsgate] | type[TrioFloor]] = {
+TARGETS: dict[str, type[Target]] = {
     t.name: t
     for t in (
         Wsgate,
@@ -172,7 +173,7 @@ def instructions(out_file: Path) -> int:
 
 
 def one_run(
-    cls: type[Wsgate] | type[TrioFloor],
+    cls: type[Target],
     workdir: Path,
     backend_port: int,
     connections: int,

@@ -34,6 +34,11 @@ class Target:
     description = ""
     #: For a variant measured for handshakes only: the load target it runs beside.
     base = ""
+    #: A command it runs under (valgrind, for ``benchmarks.icount``), and how long it may take.
+    launcher: tuple[str, ...] = ()
+    start_timeout = 15.0
+    #: What ends it gracefully, so that valgrind writes its counts (wsgate: a drain).
+    stop_signal = signal.SIGTERM
 
     def __init__(self, workdir: Path, backend_port: int, tls_files: dict[str, Path] | None = None):
         #: Headers the generator adds to each opening handshake.
@@ -83,14 +88,14 @@ class Target:
         log = open(self.workdir / f"{self.name}.stderr", "ab")  # noqa: SIM115 - child owns it
         try:
             self.proc = procs.spawn(
-                [sys.executable, "-m", module, *args],
+                [*self.launcher, sys.executable, "-m", module, *args],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 cwd=str(ROOT),
             )
         finally:
             log.close()
-        self.port = int(procs.read_line(self.proc, "READY "))
+        self.port = int(procs.read_line(self.proc, "READY ", timeout=self.start_timeout))
 
 
 class Direct(Target):
@@ -114,11 +119,6 @@ class Wsgate(Target):
     engine: str | None = None
     #: Extra ``wsgate serve`` arguments.
     serve_args: tuple[str, ...] = ()
-    #: A command the gateway runs under (e.g. valgrind), and how long it may take to listen.
-    launcher: tuple[str, ...] = ()
-    start_timeout = 15.0
-    #: What ends it gracefully (a drain), so that valgrind writes its counts.
-    stop_signal = signal.SIGTERM
 
     def config_text(self) -> str:
         tls = ""
@@ -366,28 +366,11 @@ class TrioFloor(Target):
         "a nursery of two raw-socket pumps (benchmarks/trio_floor.py)"
     )
 
-    #: A command it runs under (valgrind, for ``benchmarks.icount``), and how long it may take.
-    launcher: tuple[str, ...] = ()
-    start_timeout = 15.0
     #: It ends cleanly on SIGINT (Trio's KeyboardInterrupt), which lets valgrind write its counts.
     stop_signal = signal.SIGINT
 
     def start(self) -> None:
-        log = open(self.workdir / f"{self.name}.stderr", "ab")  # noqa: SIM115 - child owns it
-        try:
-            self.proc = procs.spawn(
-                [
-                    *self.launcher,
-                    *(sys.executable, "-m", "benchmarks.trio_floor"),
-                    *("--backend-port", str(self.backend_port)),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                cwd=str(ROOT),
-            )
-        finally:
-            log.close()
-        self.port = int(procs.read_line(self.proc, "READY ", timeout=self.start_timeout))
+        self._python("benchmarks.trio_floor", "--backend-port", str(self.backend_port))
 
 
 class WebsocketsRelay(Target):

@@ -32,6 +32,8 @@ from .netio import SHARED_BUFFER, RawSocket, TLSSocket
 if TYPE_CHECKING:
     from .pairstate import PairSide, PairState
 
+#: What a read that found the connection reset counts as (-1 is a TLS read's "not yet").
+_RESET = -2
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
@@ -136,15 +138,14 @@ class Reactor:
             except BlockingIOError:
                 return
             except OSError:
-                n = -1
+                n = _RESET
         else:
             try:
                 n = leg.tls.recv_nowait(SHARED_BUFFER)
             except _BROKEN:
-                n = -1
-            else:
-                if n < 0:
-                    return  # part of a record: the rest will make the socket readable
+                n = _RESET
+            if n == -1:
+                return  # part of a record: the rest will make the socket readable
         pair = leg.pair
         if n <= 0:
             self._drop(pair)

@@ -28,7 +28,7 @@ def check_redis_url(url: object) -> None:
         raise ValueError("must be a string")
     if not url:
         raise ValueError("must not be empty")
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
+    if has_space_or_control(url):
         raise ValueError("must not contain whitespace or control characters")
     if "://" not in url:
         raise ValueError("expected a redis://, rediss:// or unix:// URL")

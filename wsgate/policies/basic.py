@@ -27,6 +27,7 @@ from wsgate.validate import (
     address_ranges,
     boolean,
     describe,
+    has_space_or_control,
     header_name,
     http_status,
     key_spec,
@@ -390,7 +391,7 @@ class _Template:
 def _parse_template(text: str) -> _Template:
     if not text.startswith("/"):
         raise ValueError(f"must start with '/' (it is relative to the backend URL), got {text!r}")
-    if any(ch.isspace() or not ch.isprintable() for ch in text) or "#" in text:
+    if has_space_or_control(text) or "#" in text:
         raise ValueError("must not contain whitespace, control characters or '#'")
     path_text, _, query_text = text.partition("?")
     path = _parse_parts(path_text, in_path=True)

@@ -50,7 +50,15 @@ from jwt.types import Options
 
 from ..errors import HandshakeRejected
 from ..policy import HandshakeContext
-from ..validate import KeyedValueError, boolean, http_status, keyed, number, one_of
+from ..validate import (
+    KeyedValueError,
+    boolean,
+    has_space_or_control,
+    http_status,
+    keyed,
+    number,
+    one_of,
+)
 from .registry import register
 
 __all__ = ["DEFAULT_MESSAGE", "RequiredClaim", "ValidateJwt"]
@@ -101,7 +109,7 @@ def _text(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
 @keyed
 def _token_name(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     _opt_str(_inst, attr, value)
-    if isinstance(value, str) and any(ch.isspace() or not ch.isprintable() for ch in value):
+    if isinstance(value, str) and has_space_or_control(value):
         raise ValueError(f"must not contain whitespace, got {value!r}")
 
 
